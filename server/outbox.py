@@ -1,0 +1,129 @@
+"""The outgoing side of a session: one writer task, two classes of traffic.
+
+Control frames (replies, ``part_ok``, ``credit``, errors, changes) always go
+first. Download data comes from :class:`DataStream` objects, each holding at
+most a couple of encoded frames; ready streams are served round-robin, so
+concurrent ``get``s share the socket fairly and a large download can delay a
+control frame by at most one data frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from protocol.codec import encode
+
+
+class OutboxClosed(Exception):
+    """The session is gone; nothing more can be sent."""
+
+
+class DataStream:
+    def __init__(self, outbox: Outbox, depth: int) -> None:
+        self._outbox = outbox
+        self._frames: deque[bytes] = deque()
+        self._depth = depth
+        self._space = asyncio.Event()
+        self._space.set()
+
+    async def put(self, frame: dict[str, Any]) -> None:
+        """Queue one data frame, waiting while the stream already holds ``depth``."""
+        message = encode(frame)
+        while len(self._frames) >= self._depth:
+            self._space.clear()
+            await self._space.wait()
+            self._outbox.check_open()
+        self._outbox.check_open()
+        self._frames.append(message)
+        if len(self._frames) == 1:
+            self._outbox.ready(self)
+
+    def take(self) -> tuple[bytes, bool]:
+        """Pop the next frame; the flag says whether more are waiting."""
+        message = self._frames.popleft()
+        self._space.set()
+        return message, bool(self._frames)
+
+    def wake(self) -> None:
+        self._space.set()
+
+
+class Outbox:
+    def __init__(self, send: Callable[[bytes], Awaitable[None]], stream_depth: int = 2) -> None:
+        self._send = send
+        self._control: deque[bytes] = deque()
+        self._ready: deque[DataStream] = deque()
+        self._streams: set[DataStream] = set()
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._closed = False
+        self._depth = stream_depth
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise OutboxClosed
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Queue a control frame; silently dropped once the session is closed."""
+        if self._closed:
+            return
+        self._control.append(encode(frame))
+        self._wake.set()
+
+    def stream(self) -> DataStream:
+        self.check_open()
+        stream = DataStream(self, self._depth)
+        self._streams.add(stream)
+        return stream
+
+    def release(self, stream: DataStream) -> None:
+        self._streams.discard(stream)
+
+    def ready(self, stream: DataStream) -> None:
+        self._ready.append(stream)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The writer loop; returns when closed, raises when the socket fails."""
+        try:
+            while not self._closed:
+                if self._control:
+                    await self._send(self._control.popleft())
+                    if not self._control:
+                        self._drained.set()
+                elif self._ready:
+                    stream = self._ready.popleft()
+                    message, more = stream.take()
+                    if more:
+                        self._ready.append(stream)
+                    await self._send(message)
+                else:
+                    self._wake.clear()
+                    await self._wake.wait()
+        finally:
+            self.close()
+
+    async def flush(self, limit: float) -> None:
+        """Wait (at most ``limit`` s) until queued control frames are written, e.g. before
+        a close, so the client sees the error that explains it."""
+        if not self._control or self._closed:
+            return
+        self._drained.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                await self._drained.wait()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._drained.set()
+        for stream in self._streams:
+            stream.wake()

@@ -1,0 +1,516 @@
+"""One WebSocket session: a thin loop around :class:`protocol.ServerConnection`.
+
+Three kinds of work run side by side so that none can stall the others:
+
+* the receive loop validates every message and handles chunks and pings inline
+  (bookkeeping only, no I/O);
+* requests that touch the database or the store run as tasks, so a long commit
+  does not hold up chunks of another upload;
+* one ingest task writes chunk data to spool files in order and returns credit,
+  so server memory per session stays bounded by the credit window.
+
+Everything leaves through the :class:`Outbox`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from protocol import frames
+from protocol.codec import encode
+from protocol.connection import ServerConnection
+from protocol.errors import CloseCode, ErrorCode, ProtocolViolation, RequestError
+from protocol.frames import (
+    Abort,
+    Ack,
+    Chunk,
+    Commit,
+    Delete,
+    Get,
+    Hello,
+    Info,
+    Ping,
+    Reauth,
+    Resume,
+    Upload,
+)
+from server.auth import AuthError
+from server.changes import change_frame, read_changes
+from server.outbox import Outbox, OutboxClosed
+from server.services import Services
+from server.stores import StoreError
+from server.uploads import PartWriter, UploadRecord
+
+log = logging.getLogger(__name__)
+
+#: Requests (not chunks) one session may have in flight at once.
+MAX_PENDING_REQUESTS = 64
+#: Seconds before the access token lapses at which ``expiring`` is sent.
+EXPIRY_WARNING = 60.0
+
+
+@dataclass(slots=True)
+class _Write:
+    writer: PartWriter
+    data: bytes
+
+
+@dataclass(slots=True)
+class _Finish:
+    record: UploadRecord
+    writer: PartWriter
+
+
+@dataclass(slots=True)
+class _Discard:
+    writer: PartWriter
+
+
+_IngestOp = _Write | _Finish | _Discard
+
+
+class _Closing(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Session:
+    def __init__(self, ws: WebSocket, services: Services) -> None:
+        self.ws = ws
+        self.svc = services
+        self.settings = services.settings
+        self.conn = ServerConnection(services.settings.limits)
+        self.id = secrets.token_urlsafe(12)
+        self.user = 0
+        self.device = ""
+        self.outbox = Outbox(self._send_bytes)
+        self.uploads: dict[str, UploadRecord] = {}
+        self.writers: dict[tuple[str, int], PartWriter] = {}
+        self._ingest: asyncio.Queue[_IngestOp] = asyncio.Queue()
+        self._requests: set[asyncio.Task[None]] = set()
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._gets: set[asyncio.Task[None]] = set()
+        self._settled = asyncio.Event()
+        self._expires = 0.0
+        self._expiry_task: asyncio.Task[None] | None = None
+
+    async def _send_bytes(self, message: bytes) -> None:
+        await self.ws.send_bytes(message)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        background: list[asyncio.Task[Any]] = []
+        code, reason = CloseCode.NORMAL, ""
+        try:
+            try:
+                hello = await asyncio.wait_for(self._receive(), self.settings.hello_timeout)
+            except TimeoutError:
+                raise ProtocolViolation("no hello in time", CloseCode.HELLO_TIMEOUT) from None
+            assert isinstance(hello, Hello)
+            await self._start(hello)
+            background = [
+                asyncio.create_task(self.outbox.run(), name=f"outbox-{self.id}"),
+                asyncio.create_task(self._ingest_loop(), name=f"ingest-{self.id}"),
+            ]
+            await self._catch_up(hello.cursor)
+            receiving = asyncio.create_task(self._receive_loop(), name=f"recv-{self.id}")
+            done, _ = await asyncio.wait(
+                [receiving, *background], return_when=asyncio.FIRST_COMPLETED
+            )
+            if receiving not in done:
+                receiving.cancel()
+            for task in done:
+                task.result()  # re-raise what ended the session
+        except ProtocolViolation as exc:
+            code, reason = exc.code, exc.reason
+        except _Closing as exc:
+            code, reason = exc.code, exc.reason
+        except (WebSocketDisconnect, OutboxClosed, ConnectionError):
+            code = CloseCode.NORMAL
+        except Exception:
+            log.exception("session %s failed", self.id)
+            code, reason = CloseCode.INTERNAL_ERROR, "internal error"
+        finally:
+            await self._shutdown(background, code, reason)
+
+    async def _shutdown(self, background: list[asyncio.Task[Any]], code: int, reason: str) -> None:
+        self.conn.close()
+        if self._expiry_task:
+            self._expiry_task.cancel()
+        if code != CloseCode.NORMAL:
+            await self.outbox.flush(1.0)  # let the last error frame out before the close
+        self.outbox.close()
+        for task in [*background, *self._requests, *self._gets]:
+            task.cancel()
+        await asyncio.gather(*background, *self._requests, *self._gets, return_exceptions=True)
+        # Parts already complete are finishing their way into staging: let them,
+        # so a resumed upload does not have to send them again.
+        if self._finishing:
+            await asyncio.wait(self._finishing, timeout=30)
+        for writer in list(self.writers.values()):
+            if writer.accepted < writer.size:
+                await asyncio.to_thread(writer.discard_blocking)
+        if self.ws.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(code, reason[:120])
+
+    async def _receive(self) -> frames.ClientFrame:
+        message = await self.ws.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        data = message.get("bytes")
+        if data is None:
+            data = message.get("text", "")
+        return self.conn.receive(data)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                frame = await self._receive()
+            except RequestError as exc:  # unknown type, oversize field: answer and go on
+                self.outbox.send(frames.error_from(exc))
+                continue
+            self._dispatch(frame)
+
+    # ------------------------------------------------------- hello, expiry
+
+    async def _start(self, hello: Hello) -> None:
+        try:
+            claims = self.svc.auth.verify_access(hello.token)
+        except AuthError as exc:
+            raise ProtocolViolation(str(exc), CloseCode.UNAUTHORIZED) from None
+        row = await self.svc.pool.fetchrow(
+            """INSERT INTO devices (user_id, id) SELECT id, $2 FROM users WHERE id = $1
+               ON CONFLICT (user_id, id) DO UPDATE SET last_seen = now()
+               RETURNING revoked_at, (SELECT change_seq FROM users WHERE id = $1) AS head""",
+            claims.user,
+            hello.device,
+        )
+        if row is None:
+            raise ProtocolViolation("unknown user", CloseCode.UNAUTHORIZED)
+        if row["revoked_at"] is not None:
+            raise ProtocolViolation("device revoked", CloseCode.DEVICE_REVOKED)
+        self.user, self.device = claims.user, hello.device
+        self._set_expiry(claims.expires)
+        welcome = frames.welcome(self.id, self.user, self.device, row["head"], self.conn.limits)
+        await self._send_bytes(encode(welcome))
+
+    def _set_expiry(self, expires: float) -> None:
+        self._expires = expires
+        if self._expiry_task:
+            self._expiry_task.cancel()
+        self._expiry_task = asyncio.create_task(self._expiry_watch())
+
+    async def _expiry_watch(self) -> None:
+        remaining = self._expires - time.time()
+        if remaining > EXPIRY_WARNING:
+            await asyncio.sleep(remaining - EXPIRY_WARNING)
+        self.outbox.send(frames.expiring(max(0, int(self._expires - time.time()))))
+        await asyncio.sleep(max(0.0, self._expires - time.time()))
+        self.outbox.send(frames.error(ErrorCode.UNAUTHORIZED, "access token expired"))
+        await self.outbox.flush(1.0)
+        with contextlib.suppress(Exception):
+            await self.ws.close(CloseCode.UNAUTHORIZED, "access token expired")
+
+    async def _catch_up(self, cursor: int) -> None:
+        """Send every change after ``cursor`` (compacted), then ``synced``."""
+        while True:
+            changes = await read_changes(self.svc.pool, self.user, cursor)
+            for change in changes:
+                self.outbox.send(change_frame(change))
+                cursor = change["seq"]
+            if len(changes) == 0:
+                break
+        self.outbox.send({"t": "synced", "cursor": cursor})
+
+    # ------------------------------------------------------------ dispatch
+
+    def _dispatch(self, frame: frames.ClientFrame) -> None:
+        match frame:
+            case Chunk():
+                self._on_chunk(frame)
+            case Ping(rid=rid):
+                self.outbox.send(frames.pong(rid))
+            case Ack(cursor=cursor):
+                self._spawn(None, self._ack(cursor))
+            case Upload(rid=rid):
+                self._spawn(rid, self._upload(frame))
+            case Resume(rid=rid):
+                self._spawn(rid, self._resume(frame))
+            case Commit(rid=rid):
+                self._spawn(rid, self._commit(frame))
+            case Abort(rid=rid):
+                self._spawn(rid, self._abort(frame))
+            case Delete(rid=rid):
+                self._spawn(rid, self._delete(frame))
+            case Info(rid=rid):
+                self._spawn(rid, self._info(frame))
+            case Get(rid=rid):
+                self._start_get(frame)
+            case Reauth(rid=rid):
+                self._reauth(frame)
+            case _:  # pragma: no cover - the parser only yields the types above
+                raise ProtocolViolation(f"unexpected frame {type(frame).__name__}")
+
+    def _spawn(self, rid: int | None, work: Awaitable[dict[str, Any] | None]) -> None:
+        if len(self._requests) >= MAX_PENDING_REQUESTS:
+            _close_awaitable(work)
+            self.outbox.send(
+                frames.error(ErrorCode.RATE_LIMITED, "too many requests in flight", rid=rid)
+            )
+            return
+        task = asyncio.create_task(self._answer(rid, work))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    async def _answer(self, rid: int | None, work: Awaitable[dict[str, Any] | None]) -> None:
+        """Run one request; exactly one terminal reply, whatever happens."""
+        try:
+            reply = await work
+        except RequestError as exc:
+            if exc.rid is None:
+                exc.rid = rid
+            reply = frames.error_from(exc)
+        except (StoreError, asyncpg.PostgresConnectionError, OSError) as exc:
+            log.warning("session %s: backend unavailable: %s", self.id, exc)
+            reply = frames.error(ErrorCode.UNAVAILABLE, "storage temporarily unavailable", rid=rid)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session %s: request failed", self.id)
+            reply = frames.error(ErrorCode.INTERNAL, "internal error", rid=rid)
+        if reply is not None:
+            self.outbox.send(reply)
+
+    # -------------------------------------------------------------- uploads
+
+    async def _upload(self, frame: Upload) -> dict[str, Any]:
+        record = await self.svc.uploads.create(self.user, self.device, frame)
+        self.uploads[record.id] = record
+        return frames.upload_ok(frame.rid, record.id, [])
+
+    async def _resume(self, frame: Resume) -> dict[str, Any]:
+        record = await self.svc.uploads.open(self.user, frame.upload, frame.rid)
+        known = self.uploads.get(frame.upload)
+        if known is not None:  # keep the parts this session is still receiving
+            known.received |= record.received
+            record = known
+        self.uploads[record.id] = record
+        return frames.upload_ok(frame.rid, record.id, record.have)
+
+    async def _abort(self, frame: Abort) -> dict[str, Any]:
+        self._drop_upload(frame.upload)
+        await self.svc.uploads.abort(self.user, frame.upload, frame.rid)
+        return frames.ok(frame.rid)
+
+    async def _commit(self, frame: Commit) -> dict[str, Any]:
+        await self._settle(frame.upload)
+        result = await self.svc.uploads.commit(self.user, frame.upload, self.device, frame.rid)
+        self._drop_upload(frame.upload)
+        return frames.committed(frame.rid, result.object, result.rev, result.seq)
+
+    async def _delete(self, frame: Delete) -> dict[str, Any]:
+        result = await self.svc.objects.delete(
+            self.user, frame.object, frame.base, self.device, frame.rid
+        )
+        return frames.committed(frame.rid, result.object, result.rev, result.seq)
+
+    def _drop_upload(self, upload: str) -> None:
+        self.uploads.pop(upload, None)
+        for key in [k for k in self.writers if k[0] == upload]:
+            writer = self.writers.pop(key)
+            if writer.accepted < writer.size:
+                writer.discarded = True
+                self._ingest.put_nowait(_Discard(writer))
+
+    async def _settle(self, upload: str) -> None:
+        """Wait until every part of ``upload`` fully received here is stored (or failed)."""
+        while any(k[0] == upload and w.accepted == w.size for k, w in self.writers.items()):
+            self._settled.clear()
+            await self._settled.wait()
+
+    def _on_chunk(self, chunk: Chunk) -> None:
+        size = len(chunk.data)
+        record = self.uploads.get(chunk.upload)
+
+        def refuse(code: ErrorCode, msg: str, **extra: Any) -> None:
+            self._release(size)
+            self.outbox.send(frames.error(code, msg, upload=chunk.upload, part=chunk.part, **extra))
+
+        if record is None:
+            return refuse(ErrorCode.NOT_FOUND, "no such upload on this session (upload or resume)")
+        if chunk.part >= len(record.sizes):
+            return refuse(ErrorCode.NOT_FOUND, "no such part")
+        part_size = record.sizes[chunk.part]
+        if chunk.part in record.received:
+            return refuse(ErrorCode.BAD_OFFSET, "part is already stored", expected=part_size)
+        key = (chunk.upload, chunk.part)
+        writer = self.writers.get(key)
+        expected = writer.accepted if writer else 0
+        if chunk.off != expected:
+            return refuse(ErrorCode.BAD_OFFSET, f"expected offset {expected}", expected=expected)
+        if chunk.off + size > part_size:
+            if writer is not None:
+                del self.writers[key]
+                writer.discarded = True
+                self._ingest.put_nowait(_Discard(writer))
+            return refuse(
+                ErrorCode.TOO_LARGE,
+                f"part {chunk.part} is declared as {part_size} bytes; send it again from 0",
+            )
+        if writer is None:
+            writer = self.svc.uploads.writer(record, chunk.part)
+            self.writers[key] = writer
+        writer.accepted += size
+        self._ingest.put_nowait(_Write(writer, chunk.data))
+        if writer.accepted == part_size:
+            self._ingest.put_nowait(_Finish(record, writer))
+        return None
+
+    def _release(self, nbytes: int) -> None:
+        grant = self.conn.release(nbytes)
+        if grant is not None:
+            self.outbox.send(grant)
+
+    async def _ingest_loop(self) -> None:
+        while True:
+            op = await self._ingest.get()
+            match op:
+                case _Write(writer, data):
+                    try:
+                        await asyncio.to_thread(writer.write_blocking, data)
+                    except OSError:
+                        log.exception("session %s: spool write failed", self.id)
+                        self._fail_part(writer, ErrorCode.UNAVAILABLE, "server disk error")
+                    self._release(len(data))
+                case _Discard(writer):
+                    await asyncio.to_thread(writer.discard_blocking)
+                case _Finish(record, writer):
+                    if writer.discarded:
+                        continue
+                    task = asyncio.create_task(self._finish(record, writer))
+                    self._finishing.add(task)
+                    task.add_done_callback(self._finishing.discard)
+
+    def _fail_part(self, writer: PartWriter, code: ErrorCode, msg: str) -> None:
+        writer.discarded = True
+        key = (writer.upload, writer.index)
+        if self.writers.get(key) is writer:
+            del self.writers[key]
+        self.outbox.send(frames.error(code, msg, upload=writer.upload, part=writer.index))
+        self._ingest.put_nowait(_Discard(writer))
+
+    async def _finish(self, record: UploadRecord, writer: PartWriter) -> None:
+        key = (writer.upload, writer.index)
+        try:
+            await self.svc.uploads.store_part(record, writer)
+            self.outbox.send(frames.part_ok(writer.upload, writer.index))
+        except RequestError as exc:
+            self.outbox.send(frames.error_from(exc))
+        except Exception as exc:
+            log.warning("session %s: storing part failed: %s", self.id, exc)
+            self.outbox.send(
+                frames.error(
+                    ErrorCode.UNAVAILABLE,
+                    "could not store the part; send it again",
+                    upload=writer.upload,
+                    part=writer.index,
+                )
+            )
+        finally:
+            if self.writers.get(key) is writer:
+                del self.writers[key]
+            self._settled.set()
+
+    # ------------------------------------------------------------ downloads
+
+    def _start_get(self, frame: Get) -> None:
+        if len(self._gets) >= self.settings.max_gets:
+            self.outbox.send(
+                frames.error(
+                    ErrorCode.RATE_LIMITED,
+                    f"at most {self.settings.max_gets} downloads at once",
+                    rid=frame.rid,
+                )
+            )
+            return
+        task = asyncio.create_task(self._answer(frame.rid, self._get(frame)))
+        self._gets.add(task)
+        task.add_done_callback(self._gets.discard)
+
+    async def _get(self, frame: Get) -> None:
+        part = await self.svc.objects.partition(self.user, frame.part, frame.rid)
+        if frame.off > part.size:
+            raise RequestError(
+                ErrorCode.BAD_OFFSET, "offset beyond the end", rid=frame.rid, expected=part.size
+            )
+        stream = self.outbox.stream()
+        try:
+            off = frame.off
+            if off == part.size:
+                await stream.put(frames.data(frame.rid, off, b"", end=True))
+                return
+            step = self.conn.limits.max_chunk
+            async for piece in self.svc.store.read(part.store_key, off, chunk_size=step):
+                off += len(piece)
+                if off > part.size:
+                    raise StoreError(f"partition {part.id} is longer than recorded")
+                await stream.put(frames.data(frame.rid, off - len(piece), piece, off == part.size))
+            if off != part.size:
+                raise StoreError(f"partition {part.id} is shorter than recorded")
+        finally:
+            self.outbox.release(stream)
+
+    async def _info(self, frame: Info) -> dict[str, Any]:
+        part = await self.svc.objects.partition(self.user, frame.part, frame.rid)
+        return frames.part_info(frame.rid, **part.info())
+
+    # -------------------------------------------------------- housekeeping
+
+    async def _ack(self, cursor: int) -> None:
+        await self.svc.pool.execute(
+            "UPDATE devices SET acked = greatest(acked, $3), last_seen = now() "
+            "WHERE user_id = $1 AND id = $2",
+            self.user,
+            self.device,
+            cursor,
+        )
+
+    def _reauth(self, frame: Reauth) -> None:
+        try:
+            claims = self.svc.auth.verify_access(frame.token)
+        except AuthError as exc:
+            self.outbox.send(frames.error(ErrorCode.UNAUTHORIZED, str(exc), rid=frame.rid))
+            return
+        if claims.user != self.user:
+            self.outbox.send(
+                frames.error(ErrorCode.FORBIDDEN, "token is for another user", rid=frame.rid)
+            )
+            return
+        self._set_expiry(claims.expires)
+        self.outbox.send(frames.ok(frame.rid))
+
+
+def _close_awaitable(work: Awaitable[Any]) -> None:
+    close: Callable[[], None] | None = getattr(work, "close", None)
+    if close is not None:
+        close()
+
+
+async def sync_endpoint(ws: WebSocket) -> None:
+    services: Services = ws.app.state.services
+    await Session(ws, services).run()

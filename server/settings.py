@@ -1,0 +1,186 @@
+"""Server settings: one naming scheme for flags and environment variables.
+
+Every field of :class:`Settings` is settable as ``--field-name`` on the command
+line and as ``TESSERA_FIELD_NAME`` in the environment; a flag wins over the
+environment, which wins over the default. Keeping the mapping mechanical means
+the README, ``docker-compose.yml`` and ``make run`` can never drift from what the
+server really reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from protocol.limits import Limits
+
+ENV_PREFIX = "TESSERA_"
+
+MiB = 1024 * 1024
+
+
+def _h(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = field(default="127.0.0.1", metadata=_h("address to listen on"))
+    port: int = field(default=8080, metadata=_h("port to listen on"))
+    data_dir: Path = field(
+        default=Path("./tessera-data"),
+        metadata=_h("embedded PostgreSQL, local blob store, spool and secrets live here"),
+    )
+    database_url: str = field(
+        default="", metadata=_h("PostgreSQL URL; empty starts an embedded server in data_dir")
+    )
+    s3_endpoint: str = field(
+        default="", metadata=_h("S3/MinIO endpoint host:port; empty uses a local directory store")
+    )
+    s3_access_key: str = field(default="", metadata=_h("S3 access key"))
+    s3_secret_key: str = field(default="", metadata=_h("S3 secret key"))
+    s3_secure: bool = field(default=False, metadata=_h("use HTTPS to reach the S3 endpoint"))
+    s3_region: str = field(default="us-east-1", metadata=_h("S3 region"))
+    s3_staging_bucket: str = field(
+        default="tessera-staging", metadata=_h("bucket for parts of unfinished uploads")
+    )
+    s3_partitions_bucket: str = field(
+        default="tessera-partitions", metadata=_h("bucket for committed partitions")
+    )
+    s3_create_buckets: bool = field(
+        default=True, metadata=_h("create the buckets at start when they are missing")
+    )
+    jwt_secret: str = field(
+        default="",
+        metadata=_h("HMAC key for access tokens; empty generates one in data_dir (one node only)"),
+    )
+    access_ttl: int = field(default=900, metadata=_h("access token lifetime, seconds"))
+    refresh_ttl: int = field(default=30 * 86400, metadata=_h("refresh token lifetime, seconds"))
+    upload_ttl: int = field(default=86400, metadata=_h("unfinished uploads expire after, seconds"))
+    presign_ttl: int = field(default=300, metadata=_h("presigned download URL lifetime, seconds"))
+    hello_timeout: float = field(default=10.0, metadata=_h("seconds to wait for hello"))
+    janitor_interval: float = field(default=60.0, metadata=_h("seconds between janitor runs"))
+    orphan_grace: float = field(
+        default=3600.0,
+        metadata=_h("store objects without metadata are removed after this many seconds"),
+    )
+    garbage_delay: float = field(
+        default=600.0,
+        metadata=_h("superseded partitions stay downloadable this many seconds"),
+    )
+    default_quota: int = field(
+        default=10 * 1024 * MiB, metadata=_h("bytes of storage for a new user")
+    )
+    max_frame: int = field(default=2 * MiB, metadata=_h("largest WebSocket message, bytes"))
+    max_chunk: int = field(default=1 * MiB, metadata=_h("largest chunk data, bytes"))
+    max_partition: int = field(default=16 * MiB, metadata=_h("largest partition, bytes"))
+    max_parts: int = field(default=10_000, metadata=_h("most partitions in one object"))
+    window: int = field(default=8 * MiB, metadata=_h("upload credit per session, bytes"))
+    max_gets: int = field(default=16, metadata=_h("concurrent downloads per session"))
+    argon2_time_cost: int = field(default=3, metadata=_h("Argon2id iterations"))
+    argon2_memory_cost: int = field(default=65536, metadata=_h("Argon2id memory, KiB"))
+    migrate: bool = field(default=True, metadata=_h("apply migrations when serving"))
+    log_level: str = field(default="info", metadata=_h("debug, info, warning or error"))
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_frame=self.max_frame,
+            max_chunk=self.max_chunk,
+            max_partition=self.max_partition,
+            max_parts=self.max_parts,
+            window=self.window,
+        )
+
+    @property
+    def uses_s3(self) -> bool:
+        return bool(self.s3_endpoint)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_sources(
+        cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Defaults, overridden by the environment, overridden by flags."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        if argv:
+            parser = argparse.ArgumentParser(add_help=False)
+            add_arguments(parser)
+            ns = parser.parse_args(argv)
+            for f in fields(cls):
+                v = getattr(ns, f.name, None)
+                if v is not None:
+                    values[f.name] = v
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        self.limits.validate()
+        if self.port < 0 or self.port > 65535:
+            raise ValueError("port must be 0..65535")
+        if self.access_ttl <= 0 or self.upload_ttl <= 0:
+            raise ValueError("lifetimes must be positive")
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _type_of(f: dataclasses.Field[Any]) -> type:
+    default = f.default
+    return type(default) if not isinstance(default, Path) else Path
+
+
+def _parse_bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _type_of(f)
+    try:
+        if kind is bool:
+            return _parse_bool(raw)
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"{env_name(f.name)}: {exc}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; unset flags stay None so the environment can fill them."""
+    for f in fields(Settings):
+        kind = _type_of(f)
+        help_text = f"{f.metadata.get('help', '')} (env {env_name(f.name)}, default {f.default})"
+        if kind is bool:
+            parser.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, default=None, type=kind, help=help_text
+            )

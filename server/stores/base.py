@@ -1,0 +1,72 @@
+"""The blob store interface shared by the S3 and local-directory stores.
+
+Keys are always built by the server (see :mod:`server.keys`), never taken from
+client input. The first path segment names the *area*: ``staging/...`` for
+parts of unfinished uploads and ``partitions/...`` for committed data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+AREAS = ("staging", "partitions")
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (unreachable, refused, corrupt)."""
+
+
+class BlobNotFound(StoreError):
+    """No object under that key."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+class BlobStore(Protocol):
+    async def start(self) -> None:
+        """Connect, create buckets/directories if configured to."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError when the store is not reachable (used by /readyz)."""
+
+    async def put_file(self, key: str, path: Path, size: int) -> None:
+        """Store the file at ``path`` (exactly ``size`` bytes) under ``key``, durably.
+
+        The file is left in place; the caller removes it.
+        """
+
+    async def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    async def copy(self, src: str, dst: str) -> None:
+        """Server-side copy; raises BlobNotFound when ``src`` is missing."""
+
+    async def stat(self, key: str) -> BlobInfo | None: ...
+
+    def read(
+        self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
+    ) -> AsyncIterator[bytes]:
+        """Stream bytes ``[offset, offset+length)``; raises BlobNotFound when missing."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+
+    async def delete_many(self, keys: list[str]) -> None: ...
+
+    def list(self, prefix: str) -> AsyncIterator[BlobInfo]:
+        """Every object whose key starts with ``prefix`` (recursively)."""
+        ...
+
+    async def presign_get(self, key: str, expires: int) -> str | None:
+        """A URL that fetches ``key`` without credentials for ``expires`` seconds,
+        or None when the store cannot make one (the server then streams)."""

@@ -1,0 +1,331 @@
+"""A blob store in a local directory, for single-node setups without S3.
+
+Every write goes to a temporary file next to its destination and is renamed into
+place after an fsync, so a reader or a crash never sees half an object. All disk
+I/O runs in worker threads: a slow disk must not stall the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import os
+import secrets
+import stat as stat_mode
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from server.stores.base import AREAS, BlobInfo, BlobNotFound, StoreError
+
+_COPY_BUFFER = 1 << 20
+_MKDIR_ATTEMPTS = 8  # a concurrent delete may prune the directory we just made
+
+
+def check_key(key: str) -> str:
+    """Reject anything but ``<area>/<segment>/...`` made of plain names.
+
+    Keys are server-made, but they become file paths here, so a bug elsewhere
+    must not turn into a path traversal. Segments may not start with a dot:
+    that namespace belongs to this store's temporary files.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError("empty blob key")
+    if "\\" in key or "\x00" in key:
+        raise ValueError(f"invalid character in blob key {key!r}")
+    segments = key.split("/")
+    if segments[0] not in AREAS or len(segments) < 2:
+        raise ValueError(f"blob key {key!r} is not inside an area {AREAS}")
+    for segment in segments[1:]:
+        if not segment or segment.startswith("."):
+            raise ValueError(f"invalid segment in blob key {key!r}")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Like :func:`check_key`, but the last segment may be partial or empty."""
+    if not isinstance(prefix, str):
+        raise ValueError("blob prefix must be a string")
+    if "\\" in prefix or "\x00" in prefix:
+        raise ValueError(f"invalid character in blob prefix {prefix!r}")
+    segments = prefix.split("/")
+    if len(segments) > 1:
+        if segments[0] not in AREAS:
+            raise ValueError(f"blob prefix {prefix!r} is not inside an area {AREAS}")
+        for segment in segments[1:-1]:
+            if not segment or segment.startswith("."):
+                raise ValueError(f"invalid segment in blob prefix {prefix!r}")
+        if segments[-1].startswith("."):
+            raise ValueError(f"invalid segment in blob prefix {prefix!r}")
+    return prefix
+
+
+def area_prefixes(prefix: str) -> list[str]:
+    """For each area that ``prefix`` can match, the narrower of the two prefixes."""
+    result = []
+    for area in AREAS:
+        own = area + "/"
+        if prefix.startswith(own):
+            result.append(prefix)
+        elif own.startswith(prefix):
+            result.append(own)
+    return result
+
+
+def check_range(offset: int, length: int | None, chunk_size: int) -> None:
+    if offset < 0:
+        raise ValueError("negative offset")
+    if length is not None and length < 0:
+        raise ValueError("negative length")
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_temp(dest: Path) -> tuple[Path, int]:
+    """Create a unique temp file beside ``dest``, making its directory as needed."""
+    for _ in range(_MKDIR_ATTEMPTS):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            continue  # the directory was pruned between mkdir and open
+        return tmp, fd
+    raise StoreError(f"could not create a temporary file in {dest.parent}")
+
+
+def _write_atomic(dest: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Write via ``fill`` into a temp file, fsync it and rename it over ``dest``."""
+    tmp, fd = _open_temp(dest)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            fill(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)
+
+
+def _copy_stream(src: io.BufferedReader, out: BinaryIO) -> int:
+    copied = 0
+    buf = bytearray(_COPY_BUFFER)
+    view = memoryview(buf)
+    while n := src.readinto(buf):
+        out.write(view[:n])
+        copied += n
+    return copied
+
+
+class LocalStore:
+    """Objects are plain files at ``root/<key>``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    async def start(self) -> None:
+        def make() -> None:
+            for area in AREAS:
+                (self.root / area).mkdir(parents=True, exist_ok=True)
+
+        await asyncio.to_thread(make)
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> None:
+        def probe() -> None:
+            tmp, fd = _open_temp(self.root / "ping")
+            os.close(fd)
+            tmp.unlink()
+
+        if not await asyncio.to_thread(self.root.is_dir):
+            raise StoreError(f"blob directory {self.root} does not exist")
+        try:
+            await asyncio.to_thread(probe)
+        except OSError as exc:
+            raise StoreError(f"blob directory {self.root} is not writable: {exc}") from exc
+
+    async def put_file(self, key: str, path: Path, size: int) -> None:
+        def fill(out: BinaryIO) -> None:
+            with open(path, "rb") as src:
+                copied = _copy_stream(src, out)
+            if copied != size:
+                raise StoreError(f"{path} has {copied} bytes, expected {size}")
+
+        await self._put(key, fill)
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        await self._put(key, lambda out: out.write(data))
+
+    async def _put(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
+        dest = self._path(key)
+
+        def run() -> None:
+            try:
+                _write_atomic(dest, fill)
+            except BaseException:
+                self._prune(dest.parent)  # a failed first write leaves no directories
+                raise
+
+        try:
+            await asyncio.to_thread(run)
+        except OSError as exc:
+            raise StoreError(f"cannot store {key}: {exc}") from exc
+
+    async def copy(self, src: str, dst: str) -> None:
+        """A real copy, not a hard link, so ``dst`` gets a fresh mtime like on S3
+        (the janitor judges orphans by age)."""
+        src_path, dst_path = self._path(src), self._path(dst)
+
+        def run() -> None:
+            try:
+                source = open(src_path, "rb")  # noqa: SIM115 - closed below
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise BlobNotFound(src) from None
+            with source:
+                _write_atomic(dst_path, lambda out: _copy_stream(source, out))
+
+        try:
+            await asyncio.to_thread(run)
+        except OSError as exc:
+            raise StoreError(f"cannot copy {src} to {dst}: {exc}") from exc
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        path = self._path(key)
+        try:
+            st = await asyncio.to_thread(os.stat, path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot stat {key}: {exc}") from exc
+        if not stat_mode.S_ISREG(st.st_mode):
+            return None
+        return BlobInfo(key=key, size=st.st_size, mtime=st.st_mtime)
+
+    async def read(
+        self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
+    ) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        check_range(offset, length, chunk_size)
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise BlobNotFound(key) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {key}: {exc}") from exc
+        try:
+            if offset:
+                await asyncio.to_thread(f.seek, offset)
+            remaining = length
+            while remaining is None or remaining > 0:
+                want = chunk_size if remaining is None else min(chunk_size, remaining)
+                chunk = await asyncio.to_thread(f.read, want)
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+        finally:
+            await asyncio.to_thread(f.close)
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        await asyncio.to_thread(self._delete_paths, [path])
+
+    async def delete_many(self, keys: list[str]) -> None:
+        paths = [self._path(key) for key in keys]
+        if paths:
+            await asyncio.to_thread(self._delete_paths, paths)
+
+    async def presign_get(self, key: str, expires: int) -> str | None:
+        check_key(key)
+        return None
+
+    def _delete_paths(self, paths: Iterable[Path]) -> None:
+        parents: set[Path] = set()
+        for path in paths:
+            try:
+                path.unlink()
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot delete {path}: {exc}") from exc
+            parents.add(path.parent)
+        # Deepest first, so a parent is tried after its emptied children.
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            self._prune(parent)
+
+    def _prune(self, directory: Path) -> None:
+        """Remove empty directories from ``directory`` up to, not including, its area."""
+        areas = {self.root / area for area in AREAS}
+        while directory not in areas and directory != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass  # a concurrent delete got there first; keep climbing
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    return
+                raise StoreError(f"cannot remove {directory}: {exc}") from exc
+            directory = directory.parent
+
+    async def list(self, prefix: str) -> AsyncIterator[BlobInfo]:
+        """Objects under ``prefix``, in no particular order; temp files are skipped."""
+        check_prefix(prefix)
+        for area_prefix in area_prefixes(prefix):
+            # Start the walk at the deepest directory the prefix names in full.
+            base = area_prefix.rsplit("/", 1)[0]
+            pending = [base]
+            while pending:
+                rel_dir = pending.pop()
+                entries = await asyncio.to_thread(_scan, self.root / rel_dir)
+                for name, is_dir, info in entries:
+                    if _is_temp(name):
+                        continue
+                    rel = f"{rel_dir}/{name}"
+                    if is_dir:
+                        # Descend only where keys can still match the prefix.
+                        if (rel + "/").startswith(area_prefix) or area_prefix.startswith(rel):
+                            pending.append(rel)
+                    elif info is not None and rel.startswith(area_prefix):
+                        yield BlobInfo(key=rel, size=info[0], mtime=info[1])
+
+
+def _scan(directory: Path) -> list[tuple[str, bool, tuple[int, float] | None]]:
+    """One directory's entries as (name, is_dir, (size, mtime) for files)."""
+    result: list[tuple[str, bool, tuple[int, float] | None]] = []
+    try:
+        with os.scandir(directory) as it:
+            for entry in it:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        result.append((entry.name, True, None))
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        result.append((entry.name, False, (st.st_size, st.st_mtime)))
+                except FileNotFoundError:
+                    continue  # deleted while we looked
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise StoreError(f"cannot list {directory}: {exc}") from exc
+    return result

@@ -1,0 +1,290 @@
+"""A blob store on S3 or an S3-compatible server (MinIO), via miniopy-async.
+
+Each area lives in its own bucket, but object names keep the full key
+(``staging/u/...``), so objects are self-describing and both areas may even share
+one bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import aiohttp
+from aiohttp_retry import ExponentialRetry, RetryClient
+from miniopy_async import Minio
+from miniopy_async.commonconfig import CopySource
+from miniopy_async.deleteobjects import DeleteObject
+from miniopy_async.error import MinioException, S3Error
+
+from server.stores.base import BlobInfo, BlobNotFound, StoreError
+from server.stores.local import area_prefixes, check_key, check_prefix, check_range
+
+#: Upload part size. Partitions are at most 16 MiB, so they go up in one PUT, and a
+#: larger file never holds more than one part in memory.
+PART_SIZE = 16 * 1024 * 1024
+#: Seconds to establish a TCP connection; a dead endpoint must fail fast.
+CONNECT_TIMEOUT = 5.0
+#: Seconds without a byte from the endpoint before a request is abandoned.
+READ_TIMEOUT = 60.0
+#: Upper bound for the whole readiness probe.
+PING_TIMEOUT = 5.0
+#: Concurrent connections to the endpoint; every streaming download holds one.
+MAX_CONNECTIONS = 64
+
+_MISSING = ("NoSuchKey", "NoSuchObject")
+
+
+@contextlib.contextmanager
+def _translate(what: str) -> Iterator[None]:
+    """Turn client and transport errors into the store's own exceptions."""
+    try:
+        yield
+    except S3Error as exc:
+        if exc.code in _MISSING:
+            raise BlobNotFound(what) from exc
+        raise StoreError(f"{what}: S3 error {exc.code}: {exc.message}") from exc
+    except (MinioException, aiohttp.ClientError, OSError) as exc:  # OSError covers timeouts
+        raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+class S3Store:
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        *,
+        secure: bool = False,
+        region: str = "us-east-1",
+        staging_bucket: str = "tessera-staging",
+        partitions_bucket: str = "tessera-partitions",
+        create_buckets: bool = True,
+    ) -> None:
+        if "://" in endpoint:
+            raise ValueError(
+                f"S3 endpoint {endpoint!r} must be host:port without a scheme "
+                "(HTTPS is chosen with the 'secure' setting)"
+            )
+        self.endpoint = endpoint
+        # A fixed region spares a GetBucketLocation round trip before each request.
+        self._client = Minio(
+            endpoint,
+            access_key=access_key or None,
+            secret_key=secret_key or None,
+            secure=secure,
+            region=region,
+        )
+        self._buckets = {"staging": staging_bucket, "partitions": partitions_bucket}
+        self._create_buckets = create_buckets
+
+    def _locate(self, key: str) -> tuple[str, str]:
+        check_key(key)
+        return self._buckets[key.split("/", 1)[0]], key
+
+    async def start(self) -> None:
+        # miniopy-async's own session waits five minutes to connect; ours gives up fast.
+        # The session must be made inside the running loop, hence here, not in __init__.
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
+            ),
+        )
+        retry = ExponentialRetry(attempts=3, factor=0.2, statuses={500, 502, 503, 504})
+        await self._client.close_session()  # a second start must not leak the first session
+        self._client.set_session(RetryClient(client_session=session, retry_options=retry))
+        if not self._create_buckets:
+            return
+        try:
+            for bucket in sorted(set(self._buckets.values())):
+                await self._ensure_bucket(bucket)
+        except BaseException:
+            await self.close()  # callers rarely close what failed to start
+            raise
+
+    async def _ensure_bucket(self, bucket: str) -> None:
+        with _translate(f"bucket {bucket}"):
+            if await self._client.bucket_exists(bucket):
+                return
+            try:
+                await self._client.make_bucket(bucket)
+            except S3Error as exc:
+                # Another node may have created it in the meantime.
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    async def close(self) -> None:
+        await self._client.close_session()
+
+    async def ping(self) -> None:
+        async def probe() -> None:
+            for bucket in sorted(set(self._buckets.values())):
+                with _translate(f"bucket {bucket}"):
+                    exists = await self._client.bucket_exists(bucket)
+                if not exists:
+                    raise StoreError(f"bucket {bucket} does not exist")
+
+        try:
+            await asyncio.wait_for(probe(), PING_TIMEOUT)
+        except TimeoutError as exc:
+            raise StoreError(f"S3 endpoint {self.endpoint} did not answer in time") from exc
+
+    async def put_file(self, key: str, path: Path, size: int) -> None:
+        bucket, name = self._locate(key)
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+        try:
+            actual = (await asyncio.to_thread(os.fstat, f.fileno())).st_size
+            if actual != size:
+                raise StoreError(f"{path} has {actual} bytes, expected {size}")
+            await self._upload(bucket, name, size, partial(asyncio.to_thread, f.read))
+        finally:
+            await asyncio.to_thread(f.close)
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        bucket, name = self._locate(key)
+        buf = io.BytesIO(data)
+
+        async def read(n: int) -> bytes:
+            return buf.read(n)
+
+        await self._upload(bucket, name, len(data), read)
+
+    async def _upload(
+        self, bucket: str, name: str, size: int, read: Callable[[int], Awaitable[bytes]]
+    ) -> None:
+        """Upload ``size`` bytes from ``read``, holding at most one part in memory.
+
+        Bodies go to aiohttp as BytesIO, which it streams; raw bytes over 1 MiB make
+        it warn about blocking the loop (which miniopy-async's put_object triggers).
+        """
+        if size <= PART_SIZE:
+            data = await read(size)
+            if len(data) != size:
+                raise StoreError(f"{name}: source ended after {len(data)} of {size} bytes")
+            with _translate(f"put {name}"):
+                # part_size == length is miniopy-async's single-PUT path.
+                await self._client.put_object(bucket, name, io.BytesIO(data), size, part_size=size)
+            return
+        uploader = self._client.multipart_uploader(bucket, name)
+        started = False
+        try:
+            with _translate(f"put {name}"):
+                for number, start in enumerate(range(0, size, PART_SIZE), start=1):
+                    want = min(PART_SIZE, size - start)
+                    part = await read(want)
+                    if len(part) != want:
+                        raise StoreError(f"{name}: source ended early, expected {size} bytes")
+                    started = True
+                    await uploader.upload_part(io.BytesIO(part), number)
+                await uploader.complete()
+        except BaseException:
+            if started:
+                # Best effort: an unfinished multipart upload would hold storage.
+                with contextlib.suppress(MinioException, aiohttp.ClientError, OSError):
+                    await uploader.abort()
+            raise
+
+    async def copy(self, src: str, dst: str) -> None:
+        src_bucket, src_name = self._locate(src)
+        dst_bucket, dst_name = self._locate(dst)
+        with _translate(src):
+            await self._client.copy_object(dst_bucket, dst_name, CopySource(src_bucket, src_name))
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        bucket, name = self._locate(key)
+        try:
+            with _translate(key):
+                obj = await self._client.stat_object(bucket, name)
+        except BlobNotFound:
+            return None
+        mtime = obj.last_modified.timestamp() if obj.last_modified else 0.0
+        return BlobInfo(key=key, size=obj.size or 0, mtime=mtime)
+
+    async def read(
+        self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
+    ) -> AsyncIterator[bytes]:
+        bucket, name = self._locate(key)
+        check_range(offset, length, chunk_size)
+        if length == 0:
+            # miniopy-async reads length 0 as "to the end"; only check existence.
+            if await self.stat(key) is None:
+                raise BlobNotFound(key)
+            return
+        ranged = bool(offset or length)
+        with _translate(key):
+            try:
+                resp = await self._client.get_object(
+                    bucket, name, offset=offset, length=length or 0
+                )
+            except S3Error as exc:
+                if exc.code != "InvalidRange":
+                    raise
+                return  # offset at or past the end: nothing to read
+        try:
+            if ranged and resp.status != 206:
+                raise StoreError(f"{self.endpoint} ignored the byte range for {key}")
+            with _translate(key):
+                async for chunk in resp.content.iter_chunked(chunk_size):
+                    yield chunk
+        finally:
+            # release() reuses the connection when the body was drained, closes it if not.
+            resp.release()
+
+    async def delete(self, key: str) -> None:
+        bucket, name = self._locate(key)
+        try:
+            with _translate(key):
+                await self._client.remove_object(bucket, name)
+        except BlobNotFound:
+            pass
+
+    async def delete_many(self, keys: list[str]) -> None:
+        by_bucket: dict[str, set[str]] = {}
+        for key in keys:
+            bucket, name = self._locate(key)
+            by_bucket.setdefault(bucket, set()).add(name)
+        for bucket, names in by_bucket.items():
+            # miniopy-async sends DeleteObjects requests of up to 1000 keys each.
+            objects = [DeleteObject(name) for name in sorted(names)]
+            with _translate(f"delete in {bucket}"):
+                errors = [
+                    err
+                    async for err in self._client.remove_objects(bucket, objects)
+                    if err.code not in _MISSING
+                ]
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    f"{len(errors)} objects not deleted from {bucket}, "
+                    f"e.g. {first.name}: {first.code} {first.message}"
+                )
+
+    async def presign_get(self, key: str, expires: int) -> str | None:
+        bucket, name = self._locate(key)
+        with _translate(key):
+            return await self._client.presigned_get_object(
+                bucket, name, expires=timedelta(seconds=expires)
+            )
+
+    async def list(self, prefix: str) -> AsyncIterator[BlobInfo]:
+        """Objects under ``prefix``, in key order within each area."""
+        check_prefix(prefix)
+        for area_prefix in area_prefixes(prefix):
+            bucket = self._buckets[area_prefix.split("/", 1)[0]]
+            with _translate(f"list {area_prefix}"):
+                objects = self._client.list_objects(bucket, prefix=area_prefix, recursive=True)
+                async for obj in objects:
+                    if obj.object_name is None or obj.is_dir:
+                        continue
+                    mtime = obj.last_modified.timestamp() if obj.last_modified else 0.0
+                    yield BlobInfo(key=obj.object_name, size=obj.size or 0, mtime=mtime)

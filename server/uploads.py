@@ -1,0 +1,509 @@
+"""Uploads: declared, received part by part into staging, then committed.
+
+The path of a byte: chunk -> spool file on local disk (hashed as it is
+written, in a thread) -> when the part is complete and its sha256 matches,
+one PUT to ``staging/<user>/<upload>/<index>`` -> at commit, a server-side copy
+to ``partitions/<user>/<partition id>`` -> metadata in one transaction ->
+staging copies deleted. A crash after the copy and before the transaction
+leaves only unreferenced partition objects, which the janitor removes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import asyncpg
+
+from protocol.errors import ErrorCode, RequestError
+from protocol.frames import Upload
+from server import keys
+from server.feed import record_change
+from server.settings import Settings
+from server.stores import BlobNotFound, BlobStore
+
+log = logging.getLogger(__name__)
+
+_Fail = Callable[..., RequestError]
+
+#: Concurrent store copies during one commit.
+COPY_CONCURRENCY = 8
+
+
+@dataclass(slots=True)
+class UploadRecord:
+    """What a session needs to accept chunks for one upload."""
+
+    id: str
+    user: int
+    sizes: list[int]
+    hashes: list[bytes]
+    received: set[int] = field(default_factory=set)
+
+    @property
+    def have(self) -> list[int]:
+        return sorted(self.received)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    object: int
+    rev: int
+    seq: int
+
+
+class PartWriter:
+    """One part on its way in: a spool file and a running sha256.
+
+    Blocking methods (``*_blocking``) are called from worker threads; hashlib
+    and file writes release the GIL, so large parts don't stall the event loop.
+    """
+
+    def __init__(self, spool_dir: Path, upload: str, index: int, size: int, sha256: bytes) -> None:
+        self.upload = upload
+        self.index = index
+        self.size = size
+        self.expected = sha256
+        self.path = spool_dir / f"{upload}.{index}.{secrets.token_hex(4)}.part"
+        #: Bytes accepted so far (advanced by the caller before the write runs).
+        self.accepted = 0
+        self.discarded = False
+        self._file: IO[bytes] | None = None
+        self._hash = hashlib.sha256()
+        self._written = 0
+
+    def write_blocking(self, data: bytes) -> None:
+        if self.discarded:
+            return
+        if self._file is None:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
+        self._file.write(data)
+        self._hash.update(data)
+        self._written += len(data)
+
+    def finish_blocking(self) -> bool:
+        """Close the spool file; True when size and sha256 match the declaration."""
+        if self._file is None:
+            self._file = open(self.path, "wb")  # noqa: SIM115
+        self._file.close()
+        return self._written == self.size and self._hash.digest() == self.expected
+
+    def discard_blocking(self) -> None:
+        self.discarded = True
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Uploads:
+    def __init__(
+        self, settings: Settings, pool: asyncpg.Pool, store: BlobStore, spool_dir: Path
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.store = store
+        self.spool_dir = spool_dir
+
+    def writer(self, rec: UploadRecord, index: int) -> PartWriter:
+        return PartWriter(self.spool_dir, rec.id, index, rec.sizes[index], rec.hashes[index])
+
+    # ------------------------------------------------------------- create
+
+    async def create(self, user: int, device: str | None, frame: Upload) -> UploadRecord:
+        async with self.pool.acquire() as conn:
+            replaced = 0
+            if frame.object is not None:
+                row = await conn.fetchrow(
+                    """SELECT o.rev, o.size, o.kind, a.role FROM objects o
+                       JOIN access_list a ON a.object_id = o.id AND a.user_id = $2
+                       WHERE o.id = $1""",
+                    frame.object,
+                    user,
+                )
+                if row is None:
+                    raise RequestError(ErrorCode.NOT_FOUND, "no such object", rid=frame.rid)
+                if row["role"] == "viewer":
+                    raise RequestError(ErrorCode.FORBIDDEN, "read-only object", rid=frame.rid)
+                if row["kind"] != frame.kind:
+                    raise RequestError(
+                        ErrorCode.CONFLICT,
+                        f"object is a {row['kind']}, not a {frame.kind}",
+                        rid=frame.rid,
+                        rev=row["rev"],
+                    )
+                if row["rev"] != frame.base:
+                    raise RequestError(
+                        ErrorCode.CONFLICT, "base revision is stale", rid=frame.rid, rev=row["rev"]
+                    )
+                replaced = row["size"]
+            quota = await conn.fetchrow("SELECT quota, used FROM users WHERE id = $1", user)
+            if quota["used"] - replaced + frame.size > quota["quota"]:
+                raise RequestError(
+                    ErrorCode.QUOTA_EXCEEDED,
+                    f"{frame.size} bytes do not fit: {quota['used']} of {quota['quota']} used",
+                    rid=frame.rid,
+                )
+            upload_id = secrets.token_urlsafe(16)
+            async with conn.transaction():
+                await conn.execute(
+                    """INSERT INTO uploads (id, user_id, device_id, object_id, base_rev, kind,
+                           enc_name, enc_mtime, enc_key, salt, declared_parts, size, expires_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                               now() + make_interval(secs => $13))""",
+                    upload_id,
+                    user,
+                    device,
+                    frame.object,
+                    frame.base,
+                    frame.kind,
+                    frame.meta.name,
+                    frame.meta.mtime,
+                    frame.meta.key,
+                    frame.meta.salt,
+                    len(frame.parts),
+                    frame.size,
+                    float(self.settings.upload_ttl),
+                )
+                if frame.parts:
+                    await conn.copy_records_to_table(
+                        "upload_parts",
+                        columns=["upload_id", "idx", "size", "sha256", "enc_key", "salt"],
+                        records=[
+                            (upload_id, i, p.size, p.sha256, p.key, p.salt)
+                            for i, p in enumerate(frame.parts)
+                        ],
+                    )
+        return UploadRecord(
+            id=upload_id,
+            user=user,
+            sizes=[p.size for p in frame.parts],
+            hashes=[p.sha256 for p in frame.parts],
+        )
+
+    # ------------------------------------------------------- resume, abort
+
+    async def open(self, user: int, upload_id: str, rid: int | None = None) -> UploadRecord:
+        """Load an open upload of ``user``; anyone else's looks exactly like a missing one."""
+        async with self.pool.acquire() as conn:
+            ok = await conn.fetchval(
+                "SELECT 1 FROM uploads WHERE id = $1 AND user_id = $2 AND state = 'open' "
+                "AND expires_at > now()",
+                upload_id,
+                user,
+            )
+            if not ok:
+                raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid, upload=upload_id)
+            rows = await conn.fetch(
+                "SELECT idx, size, sha256, received FROM upload_parts WHERE upload_id = $1 "
+                "ORDER BY idx",
+                upload_id,
+            )
+        return UploadRecord(
+            id=upload_id,
+            user=user,
+            sizes=[r["size"] for r in rows],
+            hashes=[bytes(r["sha256"]) for r in rows],
+            received={r["idx"] for r in rows if r["received"]},
+        )
+
+    async def abort(self, user: int, upload_id: str, rid: int | None = None) -> None:
+        received = await self.pool.fetch(
+            """DELETE FROM upload_parts p USING uploads u
+               WHERE u.id = $1 AND u.user_id = $2 AND u.state = 'open' AND p.upload_id = u.id
+               RETURNING p.idx, p.received""",
+            upload_id,
+            user,
+        )
+        deleted = await self.pool.fetchval(
+            "DELETE FROM uploads WHERE id = $1 AND user_id = $2 AND state = 'open' RETURNING 1",
+            upload_id,
+            user,
+        )
+        if not deleted:
+            raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid, upload=upload_id)
+        await self._delete_quietly(
+            [keys.staging_key(user, upload_id, r["idx"]) for r in received if r["received"]]
+        )
+
+    # -------------------------------------------------------------- parts
+
+    async def store_part(self, rec: UploadRecord, writer: PartWriter) -> None:
+        """Verify a fully written part and make it durable in staging.
+
+        Raises RequestError(hash_mismatch) when the bytes are not what was
+        declared; the spool file is removed either way.
+        """
+        try:
+            matched = await asyncio.to_thread(writer.finish_blocking)
+            if not matched:
+                raise RequestError(
+                    ErrorCode.HASH_MISMATCH,
+                    "sha256 of the part does not match its declaration",
+                    upload=rec.id,
+                    part=writer.index,
+                )
+            await self.store.put_file(
+                keys.staging_key(rec.user, rec.id, writer.index), writer.path, writer.size
+            )
+        finally:
+            await asyncio.to_thread(writer.discard_blocking)
+        flipped = await self.pool.fetchval(
+            """UPDATE upload_parts p SET received = true FROM uploads u
+               WHERE p.upload_id = $1 AND p.idx = $2 AND u.id = p.upload_id
+                 AND u.state = 'open' AND NOT p.received
+               RETURNING 1""",
+            rec.id,
+            writer.index,
+        )
+        if flipped:
+            await self.pool.execute(
+                "UPDATE uploads SET received_parts = received_parts + 1 WHERE id = $1", rec.id
+            )
+        rec.received.add(writer.index)
+
+    # ------------------------------------------------------------- commit
+
+    async def commit(
+        self, user: int, upload_id: str, device: str | None, rid: int | None = None
+    ) -> CommitResult:
+        def fail(code: ErrorCode, msg: str, **extra: object) -> RequestError:
+            return RequestError(code, msg, rid=rid, upload=upload_id, **extra)
+
+        up = await self.pool.fetchrow(
+            "SELECT *, expires_at < now() AS expired FROM uploads WHERE id = $1 AND user_id = $2",
+            upload_id,
+            user,
+        )
+        if up is None:
+            raise fail(ErrorCode.NOT_FOUND, "no such upload")
+        if up["state"] == "committed":
+            return CommitResult(up["result_object"], up["result_rev"], up["result_seq"])
+        if up["expired"]:
+            raise fail(ErrorCode.NOT_FOUND, "upload expired")
+        parts = await self.pool.fetch(
+            "SELECT idx, size, sha256, enc_key, salt, received FROM upload_parts "
+            "WHERE upload_id = $1 ORDER BY idx",
+            upload_id,
+        )
+        missing = [p["idx"] for p in parts if not p["received"]]
+        if missing:
+            raise fail(ErrorCode.INCOMPLETE, f"{len(missing)} parts missing", missing=missing)
+        if up["object_id"] is not None:
+            rev = await self.pool.fetchval("SELECT rev FROM objects WHERE id = $1", up["object_id"])
+            if rev is None:
+                raise fail(ErrorCode.NOT_FOUND, "the object no longer exists")
+            if rev != up["base_rev"]:
+                raise fail(ErrorCode.CONFLICT, "base revision is stale", rev=rev)
+
+        ids: list[int] = [
+            r[0]
+            for r in await self.pool.fetch(
+                "SELECT nextval('partitions_id_seq') FROM generate_series(1, $1)", len(parts)
+            )
+        ]
+        copies = [keys.partition_key(user, pid) for pid in ids]
+        await self._copy_all(user, upload_id, parts, copies, fail)
+        try:
+            result = await self._commit_metadata(up, parts, ids, copies, device, fail)
+        except BaseException:
+            await self._delete_quietly(copies)
+            raise
+        await self._delete_quietly([keys.staging_key(user, upload_id, p["idx"]) for p in parts])
+        return result
+
+    async def _copy_all(
+        self,
+        user: int,
+        upload_id: str,
+        parts: list[asyncpg.Record],
+        copies: list[str],
+        fail: _Fail,
+    ) -> None:
+        limit = asyncio.Semaphore(COPY_CONCURRENCY)
+        lost: list[int] = []
+
+        async def copy(index: int, dst: str) -> None:
+            async with limit:
+                try:
+                    await self.store.copy(keys.staging_key(user, upload_id, index), dst)
+                except BlobNotFound:
+                    lost.append(index)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for part, dst in zip(parts, copies, strict=True):
+                    tg.create_task(copy(part["idx"], dst))
+        except BaseException:
+            await self._delete_quietly(copies)
+            raise
+        if lost:
+            # Staged data vanished (e.g. removed by hand): ask the client to resend it.
+            await self._delete_quietly(copies)
+            await self.pool.execute(
+                "UPDATE upload_parts SET received = false WHERE upload_id = $1 AND idx = ANY($2)",
+                upload_id,
+                lost,
+            )
+            raise RequestError(
+                ErrorCode.INCOMPLETE,
+                "staged parts are missing; send them again",
+                upload=upload_id,
+                missing=sorted(lost),
+            )
+
+    async def _commit_metadata(
+        self,
+        up: asyncpg.Record,
+        parts: list[asyncpg.Record],
+        ids: list[int],
+        copies: list[str],
+        device: str | None,
+        fail: _Fail,
+    ) -> CommitResult:
+        user = up["user_id"]
+        size = sum(p["size"] for p in parts)
+        async with self.pool.acquire() as conn, conn.transaction():
+            state = await conn.fetchrow(
+                "SELECT state, result_object, result_rev, result_seq FROM uploads "
+                "WHERE id = $1 FOR UPDATE",
+                up["id"],
+            )
+            if state is None:
+                raise fail(ErrorCode.NOT_FOUND, "upload was aborted")
+            if state["state"] == "committed":  # a concurrent commit of the same upload won
+                return CommitResult(
+                    state["result_object"], state["result_rev"], state["result_seq"]
+                )
+            head = ids[0] if ids else None
+            if up["object_id"] is None:
+                obj = await conn.fetchval(
+                    """INSERT INTO objects (owner_id, kind, rev, size, enc_name, enc_mtime,
+                           enc_key, salt, head_partition, origin)
+                       VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $9) RETURNING id""",
+                    user,
+                    up["kind"],
+                    size,
+                    up["enc_name"],
+                    up["enc_mtime"],
+                    up["enc_key"],
+                    up["salt"],
+                    head,
+                    device,
+                )
+                rev, delta = 1, size
+            else:
+                obj = up["object_id"]
+                current = await conn.fetchrow(
+                    "SELECT rev, size, status FROM objects WHERE id = $1 FOR UPDATE", obj
+                )
+                if current is None:
+                    raise fail(ErrorCode.NOT_FOUND, "the object no longer exists")
+                if current["rev"] != up["base_rev"]:
+                    raise fail(ErrorCode.CONFLICT, "base revision is stale", rev=current["rev"])
+                replaced = current["size"] if current["status"] == "active" else 0
+                delta = size - replaced
+                rev = current["rev"] + 1
+                await retire_partitions(conn, obj, self.settings.garbage_delay)
+                await conn.execute(
+                    """UPDATE objects SET rev = $2, size = $3, status = 'active', enc_name = $4,
+                           enc_mtime = $5, enc_key = $6, salt = $7, head_partition = $8,
+                           origin = $9, updated_at = now()
+                       WHERE id = $1""",
+                    obj,
+                    rev,
+                    size,
+                    up["enc_name"],
+                    up["enc_mtime"],
+                    up["enc_key"],
+                    up["salt"],
+                    head,
+                    device,
+                )
+            if parts:
+                await conn.copy_records_to_table(
+                    "partitions",
+                    columns=[
+                        "id",
+                        "object_id",
+                        "rev",
+                        "idx",
+                        "store_key",
+                        "size",
+                        "sha256",
+                        "salt",
+                        "enc_key",
+                        "next",
+                    ],
+                    records=[
+                        (
+                            pid,
+                            obj,
+                            rev,
+                            p["idx"],
+                            key,
+                            p["size"],
+                            p["sha256"],
+                            p["salt"],
+                            p["enc_key"],
+                            ids[i + 1] if i + 1 < len(ids) else None,
+                        )
+                        for i, (p, pid, key) in enumerate(zip(parts, ids, copies, strict=True))
+                    ],
+                )
+            seq = await record_change(conn, obj, user, "active", new=up["object_id"] is None)
+            fits = await conn.fetchval(
+                "UPDATE users SET used = used + $2 WHERE id = $1 "
+                "AND ($2 <= 0 OR used + $2 <= quota) RETURNING 1",
+                user,
+                delta,
+            )
+            if not fits:
+                raise fail(ErrorCode.QUOTA_EXCEEDED, "the object no longer fits the quota")
+            await conn.execute(
+                "UPDATE uploads SET state = 'committed', result_object = $2, result_rev = $3, "
+                "result_seq = $4, expires_at = now() + make_interval(secs => $5) WHERE id = $1",
+                up["id"],
+                obj,
+                rev,
+                seq,
+                float(self.settings.upload_ttl),
+            )
+            await conn.execute("DELETE FROM upload_parts WHERE upload_id = $1", up["id"])
+        return CommitResult(obj, rev, seq)
+
+    async def _delete_quietly(self, store_keys: list[str]) -> None:
+        """Best effort: whatever is left behind, the janitor removes later."""
+        if not store_keys:
+            return
+        try:
+            await self.store.delete_many(store_keys)
+        except Exception:
+            log.warning("could not delete %d store objects; the janitor will", len(store_keys))
+
+
+async def retire_partitions(conn: asyncpg.Connection, object_id: int, delay: float) -> None:
+    """Drop the rows of an object's current partitions; their data goes to the garbage
+    table, to be deleted once downloads already under way have had time to finish."""
+    await conn.execute(
+        """WITH gone AS (DELETE FROM partitions WHERE object_id = $1 RETURNING store_key)
+           INSERT INTO garbage (store_key, delete_after)
+           SELECT store_key, now() + make_interval(secs => $2) FROM gone
+           ON CONFLICT (store_key) DO NOTHING""",
+        object_id,
+        float(delay),
+    )
+
+
+def clear_spool(spool_dir: Path) -> None:
+    """Spool files of a previous run belong to sessions that no longer exist."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    for entry in os.scandir(spool_dir):
+        if entry.name.endswith(".part"):
+            os.unlink(entry.path)

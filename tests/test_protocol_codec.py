@@ -1,0 +1,261 @@
+"""Unit and property tests of protocol.codec: msgpack framing with hard caps."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.codec import decode, encode
+from protocol.errors import CloseCode, FrameError, ProtocolError, ProtocolViolation
+
+MAX_FRAME = 64 * 1024
+
+
+def packb(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+# ------------------------------------------------------------------ size cap
+
+
+def test_message_over_max_frame_closes_with_1009() -> None:
+    message = encode({"t": "ping", "rid": 1, "pad": b"x" * 200})
+    with pytest.raises(ProtocolViolation) as info:
+        decode(message, len(message) - 1)
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+    assert info.value.code == 1009
+    assert not isinstance(info.value, FrameError)
+
+
+def test_message_of_exactly_max_frame_is_accepted() -> None:
+    message = encode({"t": "ping", "rid": 1, "pad": b"x" * 200})
+    assert decode(message, len(message)) == {"t": "ping", "rid": 1, "pad": b"x" * 200}
+
+
+def test_size_is_checked_before_parsing() -> None:
+    # Garbage that is also too big is reported as too big, not as bad msgpack.
+    with pytest.raises(ProtocolViolation) as info:
+        decode(b"\xc1" * 100, 99)
+    assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+# ------------------------------------------------------------ malformed input
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\xc1", id="never-used-byte"),
+        pytest.param(b"\x81\xa1t", id="truncated-map"),
+        pytest.param(b"\x82\xa1t\xa4ping", id="map-missing-a-pair"),
+        pytest.param(b"\xdd\xff\xff\xff\xff", id="array32-claims-4G-items"),
+        pytest.param(b"\xdf\xff\xff\xff\xff", id="map32-claims-4G-pairs"),
+        pytest.param(b"\xc6\xff\xff\xff\xff", id="bin32-claims-4G-bytes"),
+        pytest.param(b"\xdb\xff\xff\xff\xff", id="str32-claims-4G-bytes"),
+        pytest.param(b"\x91" * 5000 + b"\xc0", id="nested-too-deep"),
+        pytest.param(b"\x81\xa1t\xa3\xff\xfe\xfd", id="invalid-utf8-str"),
+        pytest.param(b"\x81\x91\x01\x01", id="unhashable-list-key"),
+    ],
+)
+def test_invalid_msgpack_is_a_frame_error(message: bytes) -> None:
+    with pytest.raises(FrameError) as info:
+        decode(message, MAX_FRAME)
+    assert info.value.code == CloseCode.PROTOCOL_VIOLATION == 4400
+
+
+def test_trailing_bytes_are_a_frame_error() -> None:
+    message = encode({"t": "ping", "rid": 1})
+    assert decode(message, MAX_FRAME) == {"t": "ping", "rid": 1}
+    with pytest.raises(FrameError) as info:
+        decode(message + b"\xc0", MAX_FRAME)
+    assert info.value.code == 4400
+    with pytest.raises(FrameError):
+        decode(message + message, MAX_FRAME)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [None, True, 0, -1, 1.5, "ping", b"ping", [], ["t", "ping"], [{"t": "ping"}]],
+    ids=repr,
+)
+def test_top_level_must_be_a_map(obj: object) -> None:
+    with pytest.raises(FrameError) as info:
+        decode(packb(obj), MAX_FRAME)
+    assert info.value.code == 4400
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"t": "ping", 1: "x"},
+        {"t": "ping", b"rid": 1},
+        {"t": "ping", None: 1},
+        {"t": "ping", True: 1},
+        {"t": "ping", 1.5: 1},
+    ],
+    ids=repr,
+)
+def test_non_string_keys_are_a_frame_error(obj: dict) -> None:
+    with pytest.raises(FrameError) as info:
+        decode(packb(obj), MAX_FRAME)
+    assert info.value.code == 4400
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {},
+        {"rid": 1},
+        {"t": None},
+        {"t": 1},
+        {"t": True},
+        {"t": b"ping"},
+        {"t": ["ping"]},
+        {"t": {"x": 1}},
+        {"T": "ping"},
+    ],
+    ids=repr,
+)
+def test_missing_or_non_string_t_is_a_frame_error(obj: dict) -> None:
+    with pytest.raises(FrameError) as info:
+        decode(packb(obj), MAX_FRAME)
+    assert info.value.code == 4400
+
+
+@pytest.mark.parametrize(
+    "ext",
+    [
+        pytest.param(packb(msgpack.ExtType(5, b"")), id="ext8-empty"),
+        pytest.param(packb(msgpack.ExtType(5, b"x")), id="fixext1"),
+        pytest.param(packb(msgpack.ExtType(42, b"x" * 300)), id="ext16"),
+        pytest.param(b"\xd6\xf9abcd", id="negative-type"),
+        pytest.param(packb(msgpack.Timestamp(1, 0)), id="timestamp32"),
+        pytest.param(packb(msgpack.Timestamp(1 << 40, 5)), id="timestamp96"),
+    ],
+)
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        pytest.param(b"", id="top-level"),
+        pytest.param(b"\x82\xa1t\xa4ping\xa3rid", id="in-value"),
+        pytest.param(b"\x82\xa1t\xa6upload\xa4meta\x81\xa4name\x92\x01\x81\xa4deep", id="nested"),
+    ],
+)
+def test_msgpack_extension_types_are_a_frame_error(ext: bytes, prefix: bytes) -> None:
+    message = prefix + ext
+    # Well-formed msgpack: only the extension is objectionable.
+    msgpack.unpackb(message, ext_hook=lambda code, data: (code, data))
+    with pytest.raises(FrameError) as info:
+        decode(message, MAX_FRAME)
+    assert info.value.code == 4400
+
+
+def test_ext_type_raised_from_the_hook_is_a_frame_error() -> None:
+    # ext8 with an empty payload reaches the ext hook itself (not the length cap).
+    message = b"\x82\xa1t\xa4ping\xa3rid\xc7\x00\x05"
+    with pytest.raises(FrameError) as info:
+        decode(message, MAX_FRAME)
+    assert "extension" in info.value.reason
+
+
+def test_string_over_max_frame_length_inside_message_is_rejected() -> None:
+    # A str header claiming more bytes than max_frame allows never allocates.
+    message = b"\x81\xa1t\xdb" + (MAX_FRAME + 1).to_bytes(4, "big")
+    with pytest.raises(FrameError):
+        decode(message, MAX_FRAME)
+
+
+def test_frame_error_is_a_protocol_violation() -> None:
+    with pytest.raises(ProtocolViolation):
+        decode(b"\xc1", MAX_FRAME)
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_round_trip_preserves_bytes_as_bin_and_strings_as_str() -> None:
+    frame = {
+        "t": "chunk",
+        "upload": "u-1",
+        "part": 3,
+        "off": 0,
+        "data": b"\x00\xff binary",
+        "text": "h\u00e9llo",
+        "nested": {"k": b"v", "s": "v", "l": [b"a", "a", 1, None, True, 1.25]},
+    }
+    decoded = decode(encode(frame), MAX_FRAME)
+    assert decoded == frame
+    assert type(decoded["data"]) is bytes
+    assert type(decoded["text"]) is str
+    assert type(decoded["upload"]) is str
+    assert type(decoded["nested"]["k"]) is bytes
+    assert type(decoded["nested"]["s"]) is str
+    assert [type(x) for x in decoded["nested"]["l"][:2]] == [bytes, str]
+
+
+def test_encode_uses_bin_type_for_bytes() -> None:
+    assert encode({"t": "x", "b": b"ab"}) == b"\x82\xa1t\xa1x\xa1b\xc4\x02ab"
+
+
+def test_empty_bytes_and_empty_string_stay_distinct() -> None:
+    decoded = decode(encode({"t": "", "b": b"", "s": ""}), MAX_FRAME)
+    assert decoded == {"t": "", "b": b"", "s": ""}
+    assert type(decoded["b"]) is bytes
+    assert type(decoded["s"]) is str
+
+
+def test_large_integers_round_trip() -> None:
+    frame = {"t": "x", "big": (1 << 64) - 1, "small": -(1 << 63)}
+    assert decode(encode(frame), MAX_FRAME) == frame
+
+
+# ---------------------------------------------------------------- properties
+
+
+@settings(max_examples=400, deadline=None)
+@given(message=st.binary(max_size=4096), max_frame=st.integers(min_value=0, max_value=5000))
+def test_random_bytes_only_raise_protocol_errors(message: bytes, max_frame: int) -> None:
+    try:
+        frame = decode(message, max_frame)
+    except ProtocolViolation as exc:
+        expected = (
+            CloseCode.MESSAGE_TOO_BIG if len(message) > max_frame else CloseCode.PROTOCOL_VIOLATION
+        )
+        assert exc.code == expected
+    except ProtocolError as exc:
+        pytest.fail(f"decode raised a ProtocolError that is not a violation: {exc!r}")
+    else:
+        assert len(message) <= max_frame
+        assert isinstance(frame, dict)
+        assert isinstance(frame["t"], str)
+        assert all(isinstance(k, str) for k in frame)
+
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=40)
+)
+_values = st.recursive(
+    _scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    t=st.text(max_size=12),
+    body=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "t"), _values, max_size=6),
+)
+def test_encode_decode_round_trip_property(t: str, body: dict) -> None:
+    frame = {"t": t, **body}
+    assert decode(encode(frame), len(encode(frame))) == frame

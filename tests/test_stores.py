@@ -1,0 +1,502 @@
+"""One contract, two stores: every test runs against LocalStore and against S3Store
+talking to a real S3 endpoint (a moto server process, or MinIO from the environment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.settings import Settings
+from server.stores import (
+    BlobInfo,
+    BlobNotFound,
+    BlobStore,
+    LocalStore,
+    S3Store,
+    StoreError,
+    make_store,
+)
+from server.stores import s3 as s3_module
+from server.stores.s3 import MAX_CONNECTIONS as S3_MAX_CONNECTIONS
+from server.stores.s3 import PART_SIZE
+from tests.support.s3 import S3Buckets, S3Config, free_port
+
+MiB = 1024 * 1024
+BAD_KEYS = [
+    "../x",
+    "staging//a",
+    "other/x",
+    "staging/a/../../b",
+    "",
+    "staging",
+    "staging/",
+    "/staging/a",
+    "staging/./a",
+    "staging/a\\b",
+    "staging/a\x00b",
+    "staging/.hidden",
+]
+
+
+@pytest.fixture(params=["local", "s3"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], BlobStore]:
+    """Builds the store under test; sync so that it may pull in the S3 fixtures."""
+    if request.param == "local":
+        return lambda: LocalStore(tmp_path / "blobs")
+    config: S3Config = request.getfixturevalue("s3_config")
+    buckets: S3Buckets = request.getfixturevalue("s3_buckets")
+    return lambda: S3Store(
+        config.endpoint,
+        config.access_key,
+        config.secret_key,
+        secure=config.secure,
+        region=config.region,
+        staging_bucket=buckets.staging,
+        partitions_bucket=buckets.partitions,
+    )
+
+
+@pytest.fixture
+async def store(new_store: Callable[[], BlobStore]) -> AsyncIterator[BlobStore]:
+    s = new_store()
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def read_all(store: BlobStore, key: str, **kwargs: int | None) -> bytes:
+    return b"".join([chunk async for chunk in store.read(key, **kwargs)])  # type: ignore[arg-type]
+
+
+async def list_all(store: BlobStore, prefix: str) -> dict[str, BlobInfo]:
+    return {info.key: info async for info in store.list(prefix)}
+
+
+def local_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("size", [0, 1, 70_000, 5 * MiB + 3, PART_SIZE, PART_SIZE + 1])
+async def test_put_file_roundtrip(store: BlobStore, tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    src = tmp_path / "upload.bin"
+    src.write_bytes(data)
+    key = f"staging/u1/up1/{size}"
+
+    await store.put_file(key, src, size)
+
+    assert src.read_bytes() == data, "the source must be left in place"
+    info = await store.stat(key)
+    assert info is not None
+    assert (info.key, info.size) == (key, size)
+    assert abs(info.mtime - time.time()) < 120
+    chunk_size = 64 * 1024
+    chunks = [c async for c in store.read(key, chunk_size=chunk_size)]
+    assert all(0 < len(c) <= chunk_size for c in chunks)
+    assert b"".join(chunks) == data
+
+
+async def test_read_ranges(store: BlobStore) -> None:
+    data = os.urandom(10_000)
+    key = "partitions/u1/p1"
+    await store.put_bytes(key, data)
+
+    for offset, length in [
+        (0, 100),
+        (0, None),
+        (5000, 1234),
+        (123, None),
+        (9900, None),
+        (9990, 100),  # runs past the end: clipped
+        (9999, 1),
+        (0, 0),
+        (5000, 0),
+        (10_000, None),  # at the end
+        (20_000, 10),  # past the end
+    ]:
+        end = None if length is None else offset + length
+        got = await read_all(store, key, offset=offset, length=length, chunk_size=700)
+        assert got == data[offset:end], (offset, length)
+
+
+async def test_read_range_of_empty_object(store: BlobStore) -> None:
+    await store.put_bytes("staging/u/e/0", b"")
+    assert await read_all(store, "staging/u/e/0") == b""
+    assert await read_all(store, "staging/u/e/0", offset=0, length=10) == b""
+    assert await read_all(store, "staging/u/e/0", offset=3) == b""
+
+
+async def test_read_rejects_negative_range(store: BlobStore) -> None:
+    await store.put_bytes("staging/u/r/0", b"abc")
+    with pytest.raises(ValueError):
+        await read_all(store, "staging/u/r/0", offset=-1)
+    with pytest.raises(ValueError):
+        await read_all(store, "staging/u/r/0", length=-1)
+
+
+async def test_put_bytes(store: BlobStore) -> None:
+    await store.put_bytes("partitions/u1/a", b"hello")
+    await store.put_bytes("partitions/u1/empty", b"")
+
+    assert await read_all(store, "partitions/u1/a") == b"hello"
+    assert await read_all(store, "partitions/u1/empty") == b""
+    a = await store.stat("partitions/u1/a")
+    empty = await store.stat("partitions/u1/empty")
+    assert a is not None and a.size == 5
+    assert empty is not None and empty.size == 0
+
+
+async def test_copy_across_areas_survives_source_delete(store: BlobStore) -> None:
+    data = os.urandom(300_000)
+    await store.put_bytes("staging/u1/up1/0", data)
+
+    await store.copy("staging/u1/up1/0", "partitions/u1/p9")
+    await store.delete("staging/u1/up1/0")
+
+    assert await store.stat("staging/u1/up1/0") is None
+    assert await read_all(store, "partitions/u1/p9") == data
+    info = await store.stat("partitions/u1/p9")
+    assert info is not None and info.size == len(data)
+
+
+async def test_copy_missing_raises(store: BlobStore) -> None:
+    with pytest.raises(BlobNotFound):
+        await store.copy("staging/u1/nope/0", "partitions/u1/p1")
+    assert await store.stat("partitions/u1/p1") is None
+
+
+async def test_read_missing_raises(store: BlobStore) -> None:
+    with pytest.raises(BlobNotFound):
+        await read_all(store, "partitions/u1/nope")
+    with pytest.raises(BlobNotFound):
+        await read_all(store, "partitions/u1/nope", offset=10, length=5)
+    with pytest.raises(BlobNotFound):
+        await read_all(store, "partitions/u1/nope", length=0)
+
+
+async def test_stat_missing_is_none(store: BlobStore) -> None:
+    assert await store.stat("partitions/u1/nope") is None
+    await store.put_bytes("staging/u1/up1/0", b"x")
+    assert await store.stat("staging/u1/up1") is None, "a 'directory' is not an object"
+
+
+async def test_delete(store: BlobStore) -> None:
+    await store.delete("staging/u1/nope/0")  # missing: not an error
+    await store.put_bytes("staging/u1/up1/0", b"x")
+    await store.delete("staging/u1/up1/0")
+    assert await store.stat("staging/u1/up1/0") is None
+    await store.delete("staging/u1/up1/0")
+
+
+async def test_delete_many(store: BlobStore) -> None:
+    keys = [f"staging/u1/up1/{i}" for i in range(4)] + ["partitions/u1/a", "partitions/u1/b"]
+    for key in keys:
+        await store.put_bytes(key, key.encode())
+
+    await store.delete_many([])
+    await store.delete_many(
+        ["staging/u1/up1/0", "staging/u1/up1/2", "partitions/u1/a", "partitions/u1/missing"]
+    )
+
+    remaining = await list_all(store, "")
+    assert sorted(remaining) == ["partitions/u1/b", "staging/u1/up1/1", "staging/u1/up1/3"]
+
+
+async def test_list_prefixes(store: BlobStore) -> None:
+    contents = {
+        "staging/u1/up1/0": b"a",
+        "staging/u1/up1/1": b"bb",
+        "staging/u1/up2/0": b"ccc",
+        "staging/u2/up3/0": b"dddd",
+        "partitions/u1/p1": b"eeeee",
+    }
+    for key, data in contents.items():
+        await store.put_bytes(key, data)
+
+    def expect(*keys: str) -> list[str]:
+        return sorted(keys)
+
+    u1 = await list_all(store, "staging/u1/")
+    assert sorted(u1) == expect("staging/u1/up1/0", "staging/u1/up1/1", "staging/u1/up2/0")
+    assert {k: i.size for k, i in u1.items()} == {k: len(contents[k]) for k in u1}
+    assert all(abs(i.mtime - time.time()) < 120 for i in u1.values())
+
+    assert sorted(await list_all(store, "staging/u1/up1/")) == expect(
+        "staging/u1/up1/0", "staging/u1/up1/1"
+    )
+    assert sorted(await list_all(store, "staging/u1/up")) == sorted(u1)
+    assert sorted(await list_all(store, "partitions/")) == ["partitions/u1/p1"]
+    assert sorted(await list_all(store, "staging")) == expect(
+        *(k for k in contents if k.startswith("staging/"))
+    )
+    assert sorted(await list_all(store, "")) == sorted(contents)
+    assert await list_all(store, "staging/u9/") == {}
+    assert list(await list_all(store, "partitions/u1/p1")) == ["partitions/u1/p1"]
+
+
+@pytest.mark.parametrize("prefix", ["staging//", "staging/../", "other/x", "staging/a\\b"])
+async def test_list_rejects_bad_prefixes(store: BlobStore, prefix: str) -> None:
+    with pytest.raises(ValueError):
+        await list_all(store, prefix)
+
+
+async def test_overwrite_replaces_atomically(store: BlobStore) -> None:
+    old, new = os.urandom(2 * MiB), os.urandom(3 * MiB)
+    key = "partitions/u1/p1"
+    await store.put_bytes(key, old)
+
+    # Readers racing the overwrite must see one whole version, never a mix.
+    results = await asyncio.gather(
+        *(read_all(store, key, chunk_size=256 * 1024) for _ in range(4)),
+        store.put_bytes(key, new),
+        *(read_all(store, key, chunk_size=256 * 1024) for _ in range(4)),
+    )
+    reads = [r for r in results if r is not None]
+    assert reads and all(r in (old, new) for r in reads)
+    assert await read_all(store, key) == new
+    info = await store.stat(key)
+    assert info is not None and info.size == len(new)
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+async def test_invalid_keys_rejected(store: BlobStore, tmp_path: Path, key: str) -> None:
+    src = tmp_path / "f"
+    src.write_bytes(b"x")
+    good = "staging/u1/up1/0"
+    attempts = [
+        store.put_bytes(key, b"x"),
+        store.put_file(key, src, 1),
+        store.stat(key),
+        read_all(store, key),
+        store.delete(key),
+        store.delete_many([good, key]),
+        store.copy(key, good),
+        store.copy(good, key),
+        store.presign_get(key, 60),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ValueError):
+            await attempt
+    assert await list_all(store, "") == {}
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+async def test_put_file_wrong_size(store: BlobStore, tmp_path: Path, delta: int) -> None:
+    data = os.urandom(1000)
+    src = tmp_path / "upload.bin"
+    src.write_bytes(data)
+
+    with pytest.raises(StoreError):
+        await store.put_file("staging/u1/up1/0", src, len(data) + delta)
+
+    assert await store.stat("staging/u1/up1/0") is None
+    assert await list_all(store, "") == {}
+    if isinstance(store, LocalStore):
+        assert local_files(store.root) == []
+        assert not (store.root / "staging" / "u1").exists()
+    assert src.read_bytes() == data
+
+
+async def test_put_file_missing_source(store: BlobStore, tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        await store.put_file("staging/u1/up1/0", tmp_path / "nope", 10)
+    assert await store.stat("staging/u1/up1/0") is None
+    if isinstance(store, LocalStore):
+        assert local_files(store.root) == []
+        assert not (store.root / "staging" / "u1").exists()
+
+
+async def test_failed_overwrite_keeps_old_object(store: BlobStore, tmp_path: Path) -> None:
+    await store.put_bytes("partitions/u1/p1", b"old")
+    src = tmp_path / "upload.bin"
+    src.write_bytes(b"new!")
+    with pytest.raises(StoreError):
+        await store.put_file("partitions/u1/p1", src, 5)
+    assert await read_all(store, "partitions/u1/p1") == b"old"
+
+
+async def test_presign_get(store: BlobStore) -> None:
+    data = os.urandom(4096)
+    await store.put_bytes("partitions/u1/p1", data)
+
+    url = await store.presign_get("partitions/u1/p1", 60)
+
+    if isinstance(store, LocalStore):
+        assert url is None
+        return
+    assert url is not None
+    async with httpx.AsyncClient() as client:
+        resp = await client.get(url)
+        assert resp.status_code == 200
+        assert resp.content == data
+        unsigned = await client.get(url.split("?", 1)[0])
+        assert unsigned.status_code == 403, "the signature is what grants access"
+
+
+async def test_ping(store: BlobStore) -> None:
+    await store.ping()
+
+
+async def test_read_early_exit_releases(store: BlobStore) -> None:
+    """Abandoning a stream must not leak: afterwards the store still works."""
+    data = os.urandom(2 * MiB)
+    await store.put_bytes("partitions/u1/p1", data)
+    for _ in range(S3_MAX_CONNECTIONS + 6):  # more than the S3 connection pool holds
+        stream = store.read("partitions/u1/p1", chunk_size=1024)
+        first = await anext(stream)  # type: ignore[call-overload]
+        assert first == data[:1024]
+        await stream.aclose()  # type: ignore[attr-defined]
+    # A half-read connection put back into the pool would corrupt this read.
+    assert await read_all(store, "partitions/u1/p1", offset=7) == data[7:]
+
+
+async def test_s3_bucket_creation_and_missing_bucket(
+    s3_config: S3Config, s3_buckets: S3Buckets
+) -> None:
+    def build(create: bool) -> S3Store:
+        return S3Store(
+            s3_config.endpoint,
+            s3_config.access_key,
+            s3_config.secret_key,
+            secure=s3_config.secure,
+            region=s3_config.region,
+            staging_bucket=s3_buckets.staging,
+            partitions_bucket=s3_buckets.partitions,
+            create_buckets=create,
+        )
+
+    lazy = build(create=False)
+    await lazy.start()
+    try:
+        with pytest.raises(StoreError, match="does not exist"):
+            await lazy.ping()
+    finally:
+        await lazy.close()
+
+    for _ in range(2):  # creating twice is harmless
+        eager = build(create=True)
+        await eager.start()
+        try:
+            await eager.ping()
+        finally:
+            await eager.close()
+
+
+async def test_s3_ping_dead_endpoint_fails_fast() -> None:
+    dead = S3Store(f"127.0.0.1:{free_port()}", "testing", "testing", create_buckets=False)
+    await dead.start()
+    try:
+        began = time.monotonic()
+        with pytest.raises(StoreError) as caught:
+            await dead.ping()
+        assert time.monotonic() - began < 5
+        assert caught.value.__cause__ is not None
+        with pytest.raises(StoreError):
+            await dead.put_bytes("staging/u/x/0", b"x")
+    finally:
+        await dead.close()
+
+    eager = S3Store(f"127.0.0.1:{free_port()}", "testing", "testing")
+    began = time.monotonic()
+    with pytest.raises(StoreError):
+        await eager.start()
+    assert time.monotonic() - began < 5
+    await eager.close()
+
+
+async def test_s3_ping_silent_endpoint_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts connections but never answers must not hang /readyz."""
+    monkeypatch.setattr(s3_module, "PING_TIMEOUT", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes handshakes; nobody ever replies
+        port = silent.getsockname()[1]
+        store = S3Store(f"127.0.0.1:{port}", "testing", "testing", create_buckets=False)
+        await store.start()
+        try:
+            began = time.monotonic()
+            with pytest.raises(StoreError, match="did not answer"):
+                await store.ping()
+            assert time.monotonic() - began < 3
+        finally:
+            await store.close()
+
+
+def test_s3_endpoint_with_scheme_rejected() -> None:
+    with pytest.raises(ValueError, match="without a scheme"):
+        S3Store("http://127.0.0.1:9000", "a", "b")
+
+
+async def test_local_leaves_no_temp_files_and_prunes_directories(
+    tmp_path: Path,
+) -> None:
+    store = LocalStore(tmp_path / "blobs")
+    await store.start()
+    src = tmp_path / "src"
+    src.write_bytes(b"payload")
+
+    await store.put_file("staging/u1/up1/0", src, 7)
+    await store.put_bytes("staging/u1/up1/1", b"more")
+    await store.put_bytes("staging/u1/up1/1", b"overwritten")
+    await store.copy("staging/u1/up1/0", "partitions/u1/p1")
+    with pytest.raises(StoreError):
+        await store.put_file("staging/u1/up1/2", src, 8)
+    await store.ping()
+
+    names = [p.name for p in store.root.rglob("*")]
+    assert not [n for n in names if n.startswith(".")], names
+    assert local_files(store.root) == ["partitions/u1/p1", "staging/u1/up1/0", "staging/u1/up1/1"]
+
+    await store.delete("staging/u1/up1/0")
+    assert (store.root / "staging/u1/up1").is_dir(), "still holds up1/1"
+    await store.delete_many(["staging/u1/up1/1"])
+    assert not (store.root / "staging" / "u1").exists()
+    assert (store.root / "staging").is_dir(), "the area directory stays"
+    await store.delete("partitions/u1/p1")
+    assert not (store.root / "partitions" / "u1").exists()
+    assert (store.root / "partitions").is_dir()
+
+
+async def test_local_copy_has_fresh_mtime(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "blobs")
+    await store.start()
+    await store.put_bytes("staging/u1/up1/0", b"x")
+    old = time.time() - 86_400
+    os.utime(store.root / "staging/u1/up1/0", (old, old))
+
+    await store.copy("staging/u1/up1/0", "partitions/u1/p1")
+
+    info = await store.stat("partitions/u1/p1")
+    assert info is not None and abs(info.mtime - time.time()) < 60
+
+
+async def test_local_list_skips_temp_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "blobs")
+    await store.start()
+    await store.put_bytes("staging/u1/up1/0", b"x")
+    (store.root / "staging/u1/up1/.0.deadbeef.tmp").write_bytes(b"half")
+    assert sorted(await list_all(store, "staging/")) == ["staging/u1/up1/0"]
+
+
+async def test_local_ping_fails_without_root(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "never-started")
+    with pytest.raises(StoreError):
+        await store.ping()
+
+
+def test_make_store(tmp_path: Path) -> None:
+    local = make_store(Settings(data_dir=tmp_path))
+    assert isinstance(local, LocalStore)
+    assert local.root == tmp_path / "blobs"
+    remote = make_store(Settings(data_dir=tmp_path, s3_endpoint="127.0.0.1:9"))
+    assert isinstance(remote, S3Store)
