@@ -39,6 +39,7 @@ class ErrorCode(StrEnum):
 class CloseCode(IntEnum):
     NORMAL = 1000
     UNSUPPORTED_DATA = 1003  # a text message
+    POLICY_VIOLATION = 1008  # too slow a consumer: reconnect and catch up
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012

@@ -17,6 +17,7 @@ from server import rest
 from server.auth import Auth
 from server.db import create_pool
 from server.embedded import start_embedded_postgres
+from server.hub import Hub
 from server.janitor import Janitor
 from server.migrate import migrate
 from server.objects import Objects
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> Starlette:
         pool = await create_pool(url)
         store = make_store(settings)
         janitor_task: asyncio.Task[None] | None = None
+        hub = Hub(url)
         try:
             if settings.migrate:
                 async with pool.acquire() as conn:
@@ -61,6 +63,7 @@ def create_app(settings: Settings) -> Starlette:
             spool = Path(settings.data_dir) / "spool"
             await asyncio.to_thread(clear_spool, spool)
             auth = await asyncio.to_thread(Auth, settings, pool, jwt_secret(settings))
+            await hub.start()
             app.state.services = Services(
                 settings=settings,
                 pool=pool,
@@ -68,6 +71,7 @@ def create_app(settings: Settings) -> Starlette:
                 auth=auth,
                 uploads=Uploads(settings, pool, store, spool),
                 objects=Objects(pool, settings.garbage_delay),
+                hub=hub,
                 spool_dir=spool,
             )
             janitor = Janitor(settings, pool, store)
@@ -78,6 +82,7 @@ def create_app(settings: Settings) -> Starlette:
             if janitor_task:
                 janitor_task.cancel()
                 await asyncio.gather(janitor_task, return_exceptions=True)
+            await hub.close()
             await store.close()
             await pool.close()
 

@@ -27,6 +27,8 @@ def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
         "ws_max_size": settings.max_frame,
         # Partitions are ciphertext: compressing them only burns CPU.
         "ws_per_message_deflate": False,
+        "ws_ping_interval": settings.ws_ping_interval,
+        "ws_ping_timeout": settings.ws_ping_timeout,
         "proxy_headers": False,
         "server_header": False,
     }

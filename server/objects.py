@@ -164,10 +164,12 @@ class Objects:
                 rev,
                 device,
             )
+            # After record_change, which locks users rows in id order: taking the
+            # owner's row first could deadlock against a commit to a shared object.
+            seq = await record_change(conn, object_id, user, "deleted")
             await conn.execute(
                 "UPDATE users SET used = greatest(used - $2, 0) WHERE id = $1",
                 row["owner_id"],
                 row["size"],
             )
-            seq = await record_change(conn, object_id, user, "deleted")
         return CommitResult(object_id, rev, seq)

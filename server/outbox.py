@@ -53,8 +53,16 @@ class DataStream:
 
 
 class Outbox:
-    def __init__(self, send: Callable[[bytes], Awaitable[None]], stream_depth: int = 2) -> None:
+    def __init__(
+        self,
+        send: Callable[[bytes], Awaitable[None]],
+        stream_depth: int = 2,
+        high_water: int = 1024,
+    ) -> None:
         self._send = send
+        self._high_water = high_water
+        self._room = asyncio.Event()
+        self._room.set()
         self._control: deque[bytes] = deque()
         self._ready: deque[DataStream] = deque()
         self._streams: set[DataStream] = set()
@@ -76,6 +84,8 @@ class Outbox:
         if self._closed:
             return
         self._control.append(encode(frame))
+        if len(self._control) >= self._high_water:
+            self._room.clear()
         self._wake.set()
 
     def stream(self) -> DataStream:
@@ -97,6 +107,8 @@ class Outbox:
             while not self._closed:
                 if self._control:
                     await self._send(self._control.popleft())
+                    if len(self._control) < self._high_water:
+                        self._room.set()
                     if not self._control:
                         self._drained.set()
                 elif self._ready:
@@ -110,6 +122,21 @@ class Outbox:
                     await self._wake.wait()
         finally:
             self.close()
+
+    async def wait_room(self, limit: float) -> bool:
+        """Wait until fewer than ``high_water`` control frames are queued.
+
+        False when that did not happen within ``limit`` seconds: the peer is
+        not reading, and the caller should stop feeding it.
+        """
+        if self._room.is_set():
+            return True
+        try:
+            async with asyncio.timeout(limit):
+                await self._room.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def flush(self, limit: float) -> None:
         """Wait (at most ``limit`` s) until queued control frames are written, e.g. before
@@ -125,5 +152,6 @@ class Outbox:
         self._closed = True
         self._wake.set()
         self._drained.set()
+        self._room.set()
         for stream in self._streams:
             stream.wake()

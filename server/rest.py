@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -136,6 +137,19 @@ def _int_param(request: Request, name: str, default: int, lo: int = 0, hi: int =
         value = int(raw)
     except ValueError:
         raise ApiError(ErrorCode.BAD_FRAME, f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise ApiError(ErrorCode.BAD_FRAME, f"{name} must be {lo}..{hi}")
+    return value
+
+
+def _float_param(request: Request, name: str, default: float, lo: float, hi: float) -> float:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(ErrorCode.BAD_FRAME, f"{name} must be a number") from None
     if not lo <= value <= hi:
         raise ApiError(ErrorCode.BAD_FRAME, f"{name} must be {lo}..{hi}")
     return value
@@ -277,12 +291,35 @@ async def delete_object(request: Request) -> Response:
     return reply({"object": result.object, "rev": result.rev, "seq": result.seq})
 
 
+class _Waiter:
+    """A long-poll's subscription to the hub."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def poke(self, seq: int | None) -> None:
+        self.event.set()
+
+
 @endpoint
 async def changes(request: Request) -> Response:
+    """The change feed over HTTP; ``wait=`` seconds long-polls for the next change."""
     claims = authenticate(request)
+    svc = services(request)
     since = _int_param(request, "since", 0)
     limit = _int_param(request, "limit", 500, 1, 1000)
-    found = await read_changes(services(request).pool, claims.user, since, limit)
+    wait = _float_param(request, "wait", 0.0, 0.0, svc.settings.long_poll_max)
+    waiter = _Waiter()
+    svc.hub.subscribe(claims.user, waiter)  # before the read: no change slips between
+    try:
+        found = await read_changes(svc.pool, claims.user, since, limit)
+        if not found and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await waiter.event.wait()
+            found = await read_changes(svc.pool, claims.user, since, limit)
+    finally:
+        svc.hub.unsubscribe(claims.user, waiter)
     cursor = found[-1]["seq"] if found else since
     return reply({"changes": found, "cursor": cursor, "more": len(found) == limit})
 

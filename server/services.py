@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncpg
 
 from server.auth import Auth
+from server.hub import Hub
 from server.objects import Objects
 from server.settings import Settings
 from server.stores import BlobStore
@@ -22,4 +23,5 @@ class Services:
     auth: Auth
     uploads: Uploads
     objects: Objects
+    hub: Hub
     spool_dir: Path

@@ -45,6 +45,7 @@ from protocol.frames import (
     Upload,
 )
 from server.auth import AuthError
+from server.changes import BATCH as FEED_BATCH
 from server.changes import change_frame, read_changes
 from server.outbox import Outbox, OutboxClosed
 from server.services import Services
@@ -95,7 +96,7 @@ class Session:
         self.id = secrets.token_urlsafe(12)
         self.user = 0
         self.device = ""
-        self.outbox = Outbox(self._send_bytes)
+        self.outbox = Outbox(self._send_bytes, high_water=services.settings.outbox_frames)
         self.uploads: dict[str, UploadRecord] = {}
         self.writers: dict[tuple[str, int], PartWriter] = {}
         self._ingest: asyncio.Queue[_IngestOp] = asyncio.Queue()
@@ -103,6 +104,9 @@ class Session:
         self._finishing: set[asyncio.Task[None]] = set()
         self._gets: set[asyncio.Task[None]] = set()
         self._settled = asyncio.Event()
+        self._wanted = asyncio.Event()
+        #: The highest seq sent to this device on this session.
+        self.last_sent = 0
         self._expires = 0.0
         self._expiry_task: asyncio.Task[None] | None = None
 
@@ -125,8 +129,8 @@ class Session:
             background = [
                 asyncio.create_task(self.outbox.run(), name=f"outbox-{self.id}"),
                 asyncio.create_task(self._ingest_loop(), name=f"ingest-{self.id}"),
+                asyncio.create_task(self._feed_loop(hello.cursor), name=f"feed-{self.id}"),
             ]
-            await self._catch_up(hello.cursor)
             receiving = asyncio.create_task(self._receive_loop(), name=f"recv-{self.id}")
             done, _ = await asyncio.wait(
                 [receiving, *background], return_when=asyncio.FIRST_COMPLETED
@@ -149,6 +153,8 @@ class Session:
 
     async def _shutdown(self, background: list[asyncio.Task[Any]], code: int, reason: str) -> None:
         self.conn.close()
+        if self.user:
+            self.svc.hub.unsubscribe(self.user, self)
         if self._expiry_task:
             self._expiry_task.cancel()
         if code != CloseCode.NORMAL:
@@ -204,7 +210,12 @@ class Session:
             raise ProtocolViolation("unknown user", CloseCode.UNAUTHORIZED)
         if row["revoked_at"] is not None:
             raise ProtocolViolation("device revoked", CloseCode.DEVICE_REVOKED)
+        cap = self.settings.max_sessions_per_user
+        if self.svc.hub.count(claims.user) >= cap:
+            raise ProtocolViolation(f"at most {cap} sessions per user", CloseCode.TOO_MANY_SESSIONS)
         self.user, self.device = claims.user, hello.device
+        # Subscribe before the first read, so no change can fall between the two.
+        self.svc.hub.subscribe(self.user, self)
         self._set_expiry(claims.expires)
         welcome = frames.welcome(self.id, self.user, self.device, row["head"], self.conn.limits)
         await self._send_bytes(encode(welcome))
@@ -226,16 +237,49 @@ class Session:
         with contextlib.suppress(Exception):
             await self.ws.close(CloseCode.UNAUTHORIZED, "access token expired")
 
-    async def _catch_up(self, cursor: int) -> None:
-        """Send every change after ``cursor`` (compacted), then ``synced``."""
+    # ---------------------------------------------------------------- feed
+
+    def poke(self, seq: int | None) -> None:
+        """Called by the hub: changes up to ``seq`` (or unknown) may be waiting."""
+        if seq is None or seq > self.last_sent:
+            self._wanted.set()
+
+    async def _feed_loop(self, cursor: int) -> None:
+        """Send every change after ``cursor``, then ``synced``, then each new one.
+
+        One task per session reads the rows (notifications are only hints), so
+        seqs go out strictly ascending with no duplicates. The event is cleared
+        *before* each read: a poke that lands during the read causes one more.
+        """
+        self.last_sent = cursor
+        synced = False
+        backoff = 0.1
         while True:
-            changes = await read_changes(self.svc.pool, self.user, cursor)
-            for change in changes:
-                self.outbox.send(change_frame(change))
-                cursor = change["seq"]
-            if len(changes) == 0:
-                break
-        self.outbox.send({"t": "synced", "cursor": cursor})
+            self._wanted.clear()
+            try:
+                while True:
+                    if not await self.outbox.wait_room(self.settings.slow_consumer_timeout):
+                        raise _Closing(
+                            CloseCode.POLICY_VIOLATION, "too slow: reconnect to catch up"
+                        )
+                    changes = await read_changes(self.svc.pool, self.user, self.last_sent)
+                    for change in changes:
+                        self.outbox.send(change_frame(change))
+                        self.last_sent = change["seq"]
+                    if len(changes) < FEED_BATCH:
+                        break
+            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+                # The database is restarting: keep the session, retry from last_sent.
+                log.warning("session %s: feed read failed (%s); retrying", self.id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._wanted.set()
+                continue
+            backoff = 0.1
+            if not synced:
+                self.outbox.send({"t": "synced", "cursor": self.last_sent})
+                synced = True
+            await self._wanted.wait()
 
     # ------------------------------------------------------------ dispatch
 

@@ -82,6 +82,24 @@ class Settings:
     max_parts: int = field(default=10_000, metadata=_h("most partitions in one object"))
     window: int = field(default=8 * MiB, metadata=_h("upload credit per session, bytes"))
     max_gets: int = field(default=16, metadata=_h("concurrent downloads per session"))
+    max_sessions_per_user: int = field(
+        default=64, metadata=_h("concurrent WebSocket sessions per user and node (4429 beyond)")
+    )
+    outbox_frames: int = field(
+        default=1024, metadata=_h("control frames queued per session before it counts as slow")
+    )
+    slow_consumer_timeout: float = field(
+        default=30.0, metadata=_h("seconds a full outbox may last before the session is closed")
+    )
+    ws_ping_interval: float = field(
+        default=20.0, metadata=_h("seconds between WebSocket pings (dead peers are dropped)")
+    )
+    ws_ping_timeout: float = field(
+        default=20.0, metadata=_h("seconds to wait for a pong before dropping the peer")
+    )
+    long_poll_max: float = field(
+        default=60.0, metadata=_h("longest wait= accepted by GET /v1/changes, seconds")
+    )
     argon2_time_cost: int = field(default=3, metadata=_h("Argon2id iterations"))
     argon2_memory_cost: int = field(default=65536, metadata=_h("Argon2id memory, KiB"))
     migrate: bool = field(default=True, metadata=_h("apply migrations when serving"))

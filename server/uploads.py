@@ -118,10 +118,10 @@ class Uploads:
 
     async def create(self, user: int, device: str | None, frame: Upload) -> UploadRecord:
         async with self.pool.acquire() as conn:
-            replaced = 0
+            replaced, payer = 0, user
             if frame.object is not None:
                 row = await conn.fetchrow(
-                    """SELECT o.rev, o.size, o.kind, a.role FROM objects o
+                    """SELECT o.rev, o.size, o.kind, o.status, o.owner_id, a.role FROM objects o
                        JOIN access_list a ON a.object_id = o.id AND a.user_id = $2
                        WHERE o.id = $1""",
                     frame.object,
@@ -142,8 +142,10 @@ class Uploads:
                     raise RequestError(
                         ErrorCode.CONFLICT, "base revision is stale", rid=frame.rid, rev=row["rev"]
                     )
-                replaced = row["size"]
-            quota = await conn.fetchrow("SELECT quota, used FROM users WHERE id = $1", user)
+                # The owner's quota pays for a shared object, whoever edits it.
+                replaced = row["size"] if row["status"] == "active" else 0
+                payer = row["owner_id"]
+            quota = await conn.fetchrow("SELECT quota, used FROM users WHERE id = $1", payer)
             if quota["used"] - replaced + frame.size > quota["quota"]:
                 raise RequestError(
                     ErrorCode.QUOTA_EXCEEDED,
@@ -397,11 +399,11 @@ class Uploads:
                     head,
                     device,
                 )
-                rev, delta = 1, size
+                rev, delta, payer = 1, size, user
             else:
                 obj = up["object_id"]
                 current = await conn.fetchrow(
-                    "SELECT rev, size, status FROM objects WHERE id = $1 FOR UPDATE", obj
+                    "SELECT rev, size, status, owner_id FROM objects WHERE id = $1 FOR UPDATE", obj
                 )
                 if current is None:
                     raise fail(ErrorCode.NOT_FOUND, "the object no longer exists")
@@ -409,6 +411,7 @@ class Uploads:
                     raise fail(ErrorCode.CONFLICT, "base revision is stale", rev=current["rev"])
                 replaced = current["size"] if current["status"] == "active" else 0
                 delta = size - replaced
+                payer = current["owner_id"]
                 rev = current["rev"] + 1
                 await retire_partitions(conn, obj, self.settings.garbage_delay)
                 await conn.execute(
@@ -461,7 +464,7 @@ class Uploads:
             fits = await conn.fetchval(
                 "UPDATE users SET used = used + $2 WHERE id = $1 "
                 "AND ($2 <= 0 OR used + $2 <= quota) RETURNING 1",
-                user,
+                payer,
                 delta,
             )
             if not fits:
