@@ -79,7 +79,7 @@ class Auth:
     # ----------------------------------------------------------- passwords
 
     async def register(self, username: str, password: str) -> int:
-        if not USERNAME.match(username):
+        if not USERNAME.fullmatch(username):
             raise RequestError(
                 ErrorCode.BAD_FRAME,
                 "username must be 2-64 characters: letters, digits, . _ @ -",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 
@@ -36,9 +37,21 @@ def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
     return uvicorn.Config(create_app(settings), **options)  # type: ignore[arg-type]
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown, which kills the
+    process before ``atexit`` runs, and that is what stops the embedded
+    PostgreSQL. Shut down, then exit normally."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
 def serve(settings: Settings) -> None:
     config = uvicorn_config(settings)
-    server = uvicorn.Server(config)
+    server = _Server(config)
 
     async def announce_and_serve() -> None:
         task = asyncio.create_task(server.serve())
@@ -69,15 +82,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="tessera-server", description="Tessera: end-to-end encrypted real-time file sync"
     )
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=["serve", "migrate"],
+        help="serve (the default; migrates first unless --no-migrate) or migrate and exit",
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    # Re-parse the settings flags through Settings so flags > env > defaults holds.
-    rest = [
-        a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("serve", "migrate")
-    ]
     try:
-        settings = Settings.from_sources(rest)
+        settings = Settings.from_namespace(args)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import asyncpg
 
+#: Errors that mean "the database is unreachable or restarting right now":
+#: answered with ``unavailable`` (retry true), never ``internal``.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
 
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(

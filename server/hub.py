@@ -69,8 +69,10 @@ class Hub:
             if not subs:
                 del self._subs[user]
 
-    def count(self, user: int) -> int:
-        return len(self._subs.get(user, ()))
+    def count(self, user: int, kind: type | None = None) -> int:
+        """Subscribers of ``user`` in this process (of one ``kind``, e.g. sessions only)."""
+        subs = self._subs.get(user, ())
+        return len(subs) if kind is None else sum(isinstance(s, kind) for s in subs)
 
     @property
     def listener_pid(self) -> int | None:

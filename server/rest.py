@@ -26,6 +26,7 @@ from protocol.frames import MAX_DEVICE, parse_meta, parse_parts
 from protocol.frames import Upload as UploadFrame
 from server.auth import AccessClaims, AuthError
 from server.changes import read_changes
+from server.db import TRANSIENT_DB_ERRORS
 from server.services import Services
 from server.stores import StoreError
 
@@ -187,8 +188,10 @@ def endpoint(handler: Handler) -> Handler:
             return error_response(exc)
         except FrameError as exc:
             return error_response(ApiError(ErrorCode.BAD_FRAME, exc.reason))
-        except (TimeoutError, StoreError, OSError) as exc:
-            return error_response(ApiError(ErrorCode.UNAVAILABLE, f"backend unavailable: {exc}"))
+        except (StoreError, *TRANSIENT_DB_ERRORS) as exc:
+            return error_response(
+                ApiError(ErrorCode.UNAVAILABLE, f"backend unavailable: {type(exc).__name__}")
+            )
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__

@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from protocol import frames
@@ -47,6 +46,7 @@ from protocol.frames import (
 from server.auth import AuthError
 from server.changes import BATCH as FEED_BATCH
 from server.changes import change_frame, read_changes
+from server.db import TRANSIENT_DB_ERRORS
 from server.outbox import Outbox, OutboxClosed
 from server.services import Services
 from server.stores import StoreError
@@ -105,6 +105,8 @@ class Session:
         self._gets: set[asyncio.Task[None]] = set()
         self._settled = asyncio.Event()
         self._wanted = asyncio.Event()
+        self._acked = 0
+        self._ack_task: asyncio.Task[None] | None = None
         #: The highest seq sent to this device on this session.
         self.last_sent = 0
         self._expires = 0.0
@@ -199,6 +201,9 @@ class Session:
             claims = self.svc.auth.verify_access(hello.token)
         except AuthError as exc:
             raise ProtocolViolation(str(exc), CloseCode.UNAUTHORIZED) from None
+        cap = self.settings.max_sessions_per_user
+        if self.svc.hub.count(claims.user, Session) >= cap:
+            raise ProtocolViolation(f"at most {cap} sessions per user", CloseCode.TOO_MANY_SESSIONS)
         row = await self.svc.pool.fetchrow(
             """INSERT INTO devices (user_id, id) SELECT id, $2 FROM users WHERE id = $1
                ON CONFLICT (user_id, id) DO UPDATE SET last_seen = now()
@@ -210,9 +215,6 @@ class Session:
             raise ProtocolViolation("unknown user", CloseCode.UNAUTHORIZED)
         if row["revoked_at"] is not None:
             raise ProtocolViolation("device revoked", CloseCode.DEVICE_REVOKED)
-        cap = self.settings.max_sessions_per_user
-        if self.svc.hub.count(claims.user) >= cap:
-            raise ProtocolViolation(f"at most {cap} sessions per user", CloseCode.TOO_MANY_SESSIONS)
         self.user, self.device = claims.user, hello.device
         # Subscribe before the first read, so no change can fall between the two.
         self.svc.hub.subscribe(self.user, self)
@@ -268,7 +270,7 @@ class Session:
                         self.last_sent = change["seq"]
                     if len(changes) < FEED_BATCH:
                         break
-            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 # The database is restarting: keep the session, retry from last_sent.
                 log.warning("session %s: feed read failed (%s); retrying", self.id, exc)
                 await asyncio.sleep(backoff)
@@ -290,7 +292,7 @@ class Session:
             case Ping(rid=rid):
                 self.outbox.send(frames.pong(rid))
             case Ack(cursor=cursor):
-                self._spawn(None, self._ack(cursor))
+                self._on_ack(cursor)
             case Upload(rid=rid):
                 self._spawn(rid, self._upload(frame))
             case Resume(rid=rid):
@@ -329,8 +331,8 @@ class Session:
             if exc.rid is None:
                 exc.rid = rid
             reply = frames.error_from(exc)
-        except (StoreError, asyncpg.PostgresConnectionError, OSError) as exc:
-            log.warning("session %s: backend unavailable: %s", self.id, exc)
+        except (StoreError, *TRANSIENT_DB_ERRORS) as exc:
+            log.warning("session %s: backend unavailable: %r", self.id, exc)
             reply = frames.error(ErrorCode.UNAVAILABLE, "storage temporarily unavailable", rid=rid)
         except asyncio.CancelledError:
             raise
@@ -376,10 +378,9 @@ class Session:
     def _drop_upload(self, upload: str) -> None:
         self.uploads.pop(upload, None)
         for key in [k for k in self.writers if k[0] == upload]:
-            writer = self.writers.pop(key)
+            writer = self.writers[key]
             if writer.accepted < writer.size:
-                writer.discarded = True
-                self._ingest.put_nowait(_Discard(writer))
+                self._drop_writer(writer)
 
     async def _settle(self, upload: str) -> None:
         """Wait until every part of ``upload`` fully received here is stored (or failed)."""
@@ -404,14 +405,16 @@ class Session:
             return refuse(ErrorCode.BAD_OFFSET, "part is already stored", expected=part_size)
         key = (chunk.upload, chunk.part)
         writer = self.writers.get(key)
+        if writer is not None and writer.accepted == part_size:
+            return refuse(
+                ErrorCode.BAD_OFFSET, "part is complete and being stored", expected=part_size
+            )
         expected = writer.accepted if writer else 0
         if chunk.off != expected:
             return refuse(ErrorCode.BAD_OFFSET, f"expected offset {expected}", expected=expected)
         if chunk.off + size > part_size:
             if writer is not None:
-                del self.writers[key]
-                writer.discarded = True
-                self._ingest.put_nowait(_Discard(writer))
+                self._drop_writer(writer)
             return refuse(
                 ErrorCode.TOO_LARGE,
                 f"part {chunk.part} is declared as {part_size} bytes; send it again from 0",
@@ -437,7 +440,7 @@ class Session:
                 case _Write(writer, data):
                     try:
                         await asyncio.to_thread(writer.write_blocking, data)
-                    except OSError:
+                    except (OSError, ValueError):
                         log.exception("session %s: spool write failed", self.id)
                         self._fail_part(writer, ErrorCode.UNAVAILABLE, "server disk error")
                     self._release(len(data))
@@ -450,13 +453,18 @@ class Session:
                     self._finishing.add(task)
                     task.add_done_callback(self._finishing.discard)
 
-    def _fail_part(self, writer: PartWriter, code: ErrorCode, msg: str) -> None:
+    def _drop_writer(self, writer: PartWriter) -> None:
+        """Forget a part in progress and delete its spool file (in order with its writes)."""
         writer.discarded = True
         key = (writer.upload, writer.index)
         if self.writers.get(key) is writer:
             del self.writers[key]
-        self.outbox.send(frames.error(code, msg, upload=writer.upload, part=writer.index))
         self._ingest.put_nowait(_Discard(writer))
+        self._settled.set()  # a commit waiting for this part must look again
+
+    def _fail_part(self, writer: PartWriter, code: ErrorCode, msg: str) -> None:
+        self._drop_writer(writer)
+        self.outbox.send(frames.error(code, msg, upload=writer.upload, part=writer.index))
 
     async def _finish(self, record: UploadRecord, writer: PartWriter) -> None:
         key = (writer.upload, writer.index)
@@ -525,14 +533,27 @@ class Session:
 
     # -------------------------------------------------------- housekeeping
 
-    async def _ack(self, cursor: int) -> None:
-        await self.svc.pool.execute(
-            "UPDATE devices SET acked = greatest(acked, $3), last_seen = now() "
-            "WHERE user_id = $1 AND id = $2",
-            self.user,
-            self.device,
-            cursor,
-        )
+    def _on_ack(self, cursor: int) -> None:
+        """Acks have no reply and may come fast: keep the highest, write one at a time."""
+        self._acked = max(self._acked, cursor)
+        if self._ack_task is None or self._ack_task.done():
+            self._ack_task = asyncio.create_task(self._write_acks())
+
+    async def _write_acks(self) -> None:
+        written = -1
+        while written < self._acked:
+            written = self._acked
+            try:
+                await self.svc.pool.execute(
+                    "UPDATE devices SET acked = greatest(acked, $3), last_seen = now() "
+                    "WHERE user_id = $1 AND id = $2",
+                    self.user,
+                    self.device,
+                    written,
+                )
+            except TRANSIENT_DB_ERRORS as exc:  # the next ack carries the cursor again
+                log.warning("session %s: could not record ack: %r", self.id, exc)
+                return
 
     def _reauth(self, frame: Reauth) -> None:
         try:

@@ -20,6 +20,7 @@ from typing import Any
 from protocol.limits import Limits
 
 ENV_PREFIX = "TESSERA_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 MiB = 1024 * 1024
 
@@ -71,7 +72,7 @@ class Settings:
     )
     garbage_delay: float = field(
         default=600.0,
-        metadata=_h("superseded partitions stay downloadable this many seconds"),
+        metadata=_h("seconds superseded partition data is kept for downloads under way"),
     )
     default_quota: int = field(
         default=10 * 1024 * MiB, metadata=_h("bytes of storage for a new user")
@@ -127,20 +128,24 @@ class Settings:
         cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     ) -> Settings:
         """Defaults, overridden by the environment, overridden by flags."""
+        parser = argparse.ArgumentParser(add_help=False)
+        add_arguments(parser)
+        return cls.from_namespace(parser.parse_args(list(argv or [])), env)
+
+    @classmethod
+    def from_namespace(
+        cls, ns: argparse.Namespace, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Settings from parsed flags (None = not given) over the environment."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
+            flag = getattr(ns, f.name, None)
             raw = env.get(env_name(f.name))
-            if raw is not None and raw != "":
+            if flag is not None:
+                values[f.name] = flag
+            elif raw is not None and raw != "":
                 values[f.name] = _convert(f, raw)
-        if argv:
-            parser = argparse.ArgumentParser(add_help=False)
-            add_arguments(parser)
-            ns = parser.parse_args(argv)
-            for f in fields(cls):
-                v = getattr(ns, f.name, None)
-                if v is not None:
-                    values[f.name] = v
         settings = cls(**values)
         settings.validate()
         return settings
@@ -149,8 +154,10 @@ class Settings:
         self.limits.validate()
         if self.port < 0 or self.port > 65535:
             raise ValueError("port must be 0..65535")
-        if self.access_ttl <= 0 or self.upload_ttl <= 0:
-            raise ValueError("lifetimes must be positive")
+        if self.access_ttl <= 0 or self.upload_ttl <= 0 or self.refresh_ttl <= 0:
+            raise ValueError("token and upload lifetimes must be positive")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
 
 
 def env_name(field_name: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import os
 
 import httpx
@@ -259,13 +258,15 @@ async def test_concurrent_downloads_interleave_and_control_frames_pass_data(make
             ended.add(frame["rid"])
     assert [bytes(received[r]) for r in rids] == big
     assert pong_at is not None and pong_at <= 4, "pong waited behind download data"
-    # Fairness: while both downloads are running, neither gets long runs.
+    # Fairness: while both downloads are running, each gets a fair share of the
+    # frames. (Runs of one download are allowed: the scheduler is work-conserving,
+    # so a download whose next piece is still being read does not hold the other.)
     both_from = max(order.index(r) for r in rids)
     both_until = min(len(order) - 1 - order[::-1].index(r) for r in rids)
     window = order[both_from : both_until + 1]
     assert len(window) > 20, f"downloads barely overlapped: {order}"
-    longest = max(len(list(run)) for _, run in itertools.groupby(window))
-    assert longest <= 6, f"one download ran {longest} frames in a row: {window}"
+    shares = [window.count(r) / len(window) for r in rids]
+    assert min(shares) >= 0.35, f"unfair shares {shares}: {window}"
     await client.close()
 
 

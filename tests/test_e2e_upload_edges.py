@@ -1,0 +1,44 @@
+"""Edge cases of chunk handling around the moment a part completes."""
+
+from __future__ import annotations
+
+import os
+
+from tests.support.client import SyncClient
+
+
+async def test_chunks_after_a_complete_part_are_refused_and_nothing_breaks(server, alice):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    data = os.urandom(200_000)
+    ok = await client.start_upload([data])
+    upload = ok["upload"]
+    await client.send_parts(upload, [data], wait=False)
+    # Right behind the last chunk, before the part can have been stored:
+    await client.send_chunk(upload, 0, len(data), b"")
+    await client.send_chunk(upload, 0, len(data), b"extra")
+    errors = []
+    stored = False
+    while len(errors) < 2 or not stored:
+        frame = await client.wait_for(lambda f: f.get("upload") == upload)
+        if frame["t"] == "part_ok":
+            stored = True
+        else:
+            errors.append(frame)
+    assert [e["code"] for e in errors] == ["bad_offset", "bad_offset"]
+    assert all(e["expected"] == len(data) for e in errors)
+    done = await client.request({"t": "commit", "upload": upload})
+    assert done["t"] == "committed", done
+    change = await client.wait_for(lambda f: f["t"] == "change" and f["seq"] == done["seq"])
+    assert await client.download(change["parts"][0]["id"]) == data
+    assert (await client.request({"t": "ping"}))["t"] == "pong"
+    await client.close()
+
+
+async def test_commit_right_after_last_chunk_waits_for_the_part(server, alice):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    parts = [os.urandom(300_000), os.urandom(300_000)]
+    ok = await client.start_upload(parts)
+    await client.send_parts(ok["upload"], parts, wait=False)
+    done = await client.request({"t": "commit", "upload": ok["upload"]})  # no part_ok awaited
+    assert done["t"] == "committed", done
+    await client.close()
