@@ -216,3 +216,59 @@ class Auth:
             "AND revoked_at IS NULL",
             _hash_refresh(token),
         )
+
+    # ------------------------------------------------------ account changes
+
+    async def change_password(
+        self, user: int, current: str, new: str, keep_device: str | None, bundle: bytes | None
+    ) -> None:
+        """Verify ``current``, store ``new`` (and the re-wrapped key bundle), and sign out
+        every other device: their refresh tokens are revoked and their sessions close."""
+        if not MIN_PASSWORD <= len(new) <= MAX_PASSWORD:
+            raise RequestError(
+                ErrorCode.BAD_FRAME, f"password must be {MIN_PASSWORD}..{MAX_PASSWORD} characters"
+            )
+        stored = await self.pool.fetchval("SELECT password_hash FROM users WHERE id = $1", user)
+        try:
+            await asyncio.to_thread(self._hasher.verify, stored or self._dummy_hash, current)
+        except (VerificationError, InvalidHashError):
+            raise AuthError("the current password is wrong") from None
+        digest = await asyncio.to_thread(self._hasher.hash, new)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE users SET password_hash = $2, key_bundle = coalesce($3, key_bundle) "
+                "WHERE id = $1",
+                user,
+                digest,
+                bundle,
+            )
+            await conn.execute(
+                "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 "
+                "AND revoked_at IS NULL AND device_id IS DISTINCT FROM $2",
+                user,
+                keep_device,
+            )
+            await conn.execute(
+                "SELECT pg_notify('tessera_control', $1)", f"logout:{user}:{keep_device or ''}"
+            )
+        log.info("user %s changed the password; other devices signed out", user)
+
+    async def revoke_device(self, user: int, device: str) -> bool:
+        """Revoke a device: its refresh tokens die and its sessions close with 4403."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            found = await conn.fetchval(
+                "UPDATE devices SET revoked_at = coalesce(revoked_at, now()) "
+                "WHERE user_id = $1 AND id = $2 RETURNING 1",
+                user,
+                device,
+            )
+            if not found:
+                return False
+            await conn.execute(
+                "UPDATE refresh_tokens SET revoked_at = now() "
+                "WHERE user_id = $1 AND device_id = $2 AND revoked_at IS NULL",
+                user,
+                device,
+            )
+            await conn.execute("SELECT pg_notify('tessera_control', $1)", f"revoke:{user}:{device}")
+        return True

@@ -22,6 +22,9 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 CHANNEL = "tessera_changes"
+#: Session control across nodes: ``revoke:<user>:<device>`` closes that device's
+#: sessions (4403); ``logout:<user>:<device>`` closes every *other* device's (4401).
+CONTROL_CHANNEL = "tessera_control"
 #: How often an idle LISTEN connection is probed, seconds.
 PROBE_INTERVAL = 10.0
 BACKOFF_MIN = 0.05
@@ -31,6 +34,9 @@ BACKOFF_MAX = 5.0
 class Subscriber(Protocol):
     def poke(self, seq: int | None) -> None:
         """New changes up to ``seq`` may exist (None: unknown, re-read anyway)."""
+
+    def control(self, action: str, device: str) -> None:
+        """A session-control message for this subscriber's user."""
 
 
 def parse_payload(payload: str) -> tuple[int, int] | None:
@@ -88,6 +94,15 @@ class Hub:
         for user in list(self._subs):
             self._dispatch(user, None)
 
+    def _on_control(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        action, _, rest = payload.partition(":")
+        user, _, device = rest.partition(":")
+        if not user.isdigit():
+            log.warning("ignoring malformed control message %r", payload)
+            return
+        for sub in list(self._subs.get(int(user), ())):
+            sub.control(action, device)
+
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         parsed = parse_payload(payload)
         if parsed is None:
@@ -124,6 +139,7 @@ class Hub:
             conn.add_termination_listener(lambda _c, ev=lost: ev.set())
             try:
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(CONTROL_CHANNEL, self._on_control)
                 self._conn = conn
                 self.connections += 1
                 self.connected.set()

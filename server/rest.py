@@ -263,6 +263,106 @@ async def account(request: Request) -> Response:
     )
 
 
+MAX_KEY_BUNDLE = 64 * 1024
+
+
+@endpoint
+async def patch_account(request: Request) -> Response:
+    """Change the password (``{"password": {"current", "new"}, "key_bundle"?}``)."""
+    claims = authenticate(request)
+    data = await read_json(request)
+    unknown = set(data) - {"password", "key_bundle"}
+    if unknown:
+        raise ApiError(ErrorCode.BAD_FRAME, f"cannot change {', '.join(sorted(unknown))}")
+    change = data.get("password")
+    if not isinstance(change, dict):
+        raise ApiError(ErrorCode.BAD_FRAME, "password must be {current, new}")
+    bundle = _bundle(data["key_bundle"]) if data.get("key_bundle") is not None else None
+    try:
+        await services(request).auth.change_password(
+            claims.user,
+            _string(change, "current", 1024),
+            _string(change, "new", 1024),
+            claims.device,
+            bundle,
+        )
+    except AuthError as exc:
+        raise ApiError(ErrorCode.FORBIDDEN, str(exc)) from None
+    return await account(request)
+
+
+def _bundle(value: Any) -> bytes:
+    bundle = _b64(value, "key_bundle")
+    if not 0 < len(bundle) <= MAX_KEY_BUNDLE:
+        raise ApiError(ErrorCode.TOO_LARGE, f"key_bundle must be 1..{MAX_KEY_BUNDLE} bytes")
+    return bundle
+
+
+@endpoint
+async def get_keys(request: Request) -> Response:
+    claims = authenticate(request)
+    bundle = await services(request).pool.fetchval(
+        "SELECT key_bundle FROM users WHERE id = $1", claims.user
+    )
+    return reply({"key_bundle": bytes(bundle) if bundle is not None else None})
+
+
+@endpoint
+async def put_keys(request: Request) -> Response:
+    """Store the key bundle. ``"replace": false`` refuses to overwrite one (409), so two
+    first devices racing to create a master key cannot clobber each other."""
+    claims = authenticate(request)
+    data = await read_json(request)
+    bundle = _bundle(data.get("key_bundle"))
+    replace = data.get("replace", True)
+    if not isinstance(replace, bool):
+        raise ApiError(ErrorCode.BAD_FRAME, "replace must be a boolean")
+    stored = await services(request).pool.fetchval(
+        "UPDATE users SET key_bundle = $2 WHERE id = $1 AND ($3 OR key_bundle IS NULL) RETURNING 1",
+        claims.user,
+        bundle,
+        replace,
+    )
+    if not stored:
+        raise ApiError(ErrorCode.CONFLICT, "a key bundle already exists")
+    return Response(status_code=204)
+
+
+@endpoint
+async def list_devices(request: Request) -> Response:
+    claims = authenticate(request)
+    rows = await services(request).pool.fetch(
+        "SELECT id, name, created_at, last_seen, acked, revoked_at FROM devices "
+        "WHERE user_id = $1 ORDER BY created_at, id",
+        claims.user,
+    )
+    return reply(
+        {
+            "devices": [
+                {
+                    "id": r["id"],
+                    "name": r["name"],
+                    "created_at": r["created_at"].isoformat(),
+                    "last_seen": r["last_seen"].isoformat(),
+                    "acked": r["acked"],
+                    "revoked": r["revoked_at"] is not None,
+                    "current": r["id"] == claims.device,
+                }
+                for r in rows
+            ]
+        }
+    )
+
+
+@endpoint
+async def revoke_device(request: Request) -> Response:
+    claims = authenticate(request)
+    device = request.path_params["device"]
+    if not await services(request).auth.revoke_device(claims.user, device):
+        raise ApiError(ErrorCode.NOT_FOUND, "no such device")
+    return Response(status_code=204)
+
+
 # ----------------------------------------------------------------- objects
 
 
@@ -302,6 +402,9 @@ class _Waiter:
 
     def poke(self, seq: int | None) -> None:
         self.event.set()
+
+    def control(self, action: str, device: str) -> None:
+        """Long-polls are stateless: the next one re-authenticates."""
 
 
 @endpoint
@@ -561,6 +664,11 @@ def routes() -> list[BaseRoute]:
         Route("/v1/auth/refresh", refresh, methods=["POST"]),
         Route("/v1/auth/logout", logout, methods=["POST"]),
         Route("/v1/account", account),
+        Route("/v1/account", patch_account, methods=["PATCH"]),
+        Route("/v1/account/keys", get_keys),
+        Route("/v1/account/keys", put_keys, methods=["PUT"]),
+        Route("/v1/devices", list_devices),
+        Route("/v1/devices/{device}", revoke_device, methods=["DELETE"]),
         Route("/v1/object", list_objects),
         Route("/v1/object/{id}", get_object),
         Route("/v1/object/{id}", delete_object, methods=["DELETE"]),

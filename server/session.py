@@ -105,6 +105,8 @@ class Session:
         self._gets: set[asyncio.Task[None]] = set()
         self._settled = asyncio.Event()
         self._wanted = asyncio.Event()
+        #: Resolved (with an exception) to end the session from outside: revocation.
+        self._kill: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._acked = 0
         self._ack_task: asyncio.Task[None] | None = None
         #: The highest seq sent to this device on this session.
@@ -134,6 +136,7 @@ class Session:
                 asyncio.create_task(self._feed_loop(hello.cursor), name=f"feed-{self.id}"),
             ]
             receiving = asyncio.create_task(self._receive_loop(), name=f"recv-{self.id}")
+            background.append(asyncio.ensure_future(self._kill))
             done, _ = await asyncio.wait(
                 [receiving, *background], return_when=asyncio.FIRST_COMPLETED
             )
@@ -240,6 +243,17 @@ class Session:
             await self.ws.close(CloseCode.UNAUTHORIZED, "access token expired")
 
     # ---------------------------------------------------------------- feed
+
+    def control(self, action: str, device: str) -> None:
+        """From the hub: a device was revoked, or the password changed elsewhere."""
+        if self._kill.done():
+            return
+        if action == "revoke" and device == self.device:
+            self._kill.set_exception(_Closing(CloseCode.DEVICE_REVOKED, "device revoked"))
+        elif action == "logout" and device != self.device:
+            self._kill.set_exception(
+                _Closing(CloseCode.UNAUTHORIZED, "signed out: the password was changed")
+            )
 
     def poke(self, seq: int | None) -> None:
         """Called by the hub: changes up to ``seq`` (or unknown) may be waiting."""

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 _Fail = Callable[..., RequestError]
 
+#: Advisory-lock namespace of upload commits (the second key is hashtext(upload id)).
+COMMIT_LOCK = 0x7E55E4B
+
 #: Concurrent store copies during one commit.
 COPY_CONCURRENCY = 8
 
@@ -216,23 +219,31 @@ class Uploads:
         )
 
     async def abort(self, user: int, upload_id: str, rid: int | None = None) -> None:
-        received = await self.pool.fetch(
-            """DELETE FROM upload_parts p USING uploads u
-               WHERE u.id = $1 AND u.user_id = $2 AND u.state = 'open' AND p.upload_id = u.id
-               RETURNING p.idx, p.received""",
-            upload_id,
-            user,
-        )
-        deleted = await self.pool.fetchval(
-            "DELETE FROM uploads WHERE id = $1 AND user_id = $2 AND state = 'open' RETURNING 1",
-            upload_id,
-            user,
-        )
+        async with self.pool.acquire() as conn:
+            # Serialised with commit: an abort never pulls staging from under one.
+            await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", COMMIT_LOCK, upload_id)
+            try:
+                async with conn.transaction():
+                    received = await conn.fetch(
+                        """SELECT p.idx FROM upload_parts p JOIN uploads u ON u.id = p.upload_id
+                           WHERE u.id = $1 AND u.user_id = $2 AND u.state = 'open'
+                             AND p.received""",
+                        upload_id,
+                        user,
+                    )
+                    deleted = await conn.fetchval(
+                        "DELETE FROM uploads WHERE id = $1 AND user_id = $2 AND state = 'open' "
+                        "RETURNING 1",
+                        upload_id,
+                        user,
+                    )
+            finally:
+                await conn.execute(
+                    "SELECT pg_advisory_unlock($1, hashtext($2))", COMMIT_LOCK, upload_id
+                )
         if not deleted:
             raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid, upload=upload_id)
-        await self._delete_quietly(
-            [keys.staging_key(user, upload_id, r["idx"]) for r in received if r["received"]]
-        )
+        await self._delete_quietly([keys.staging_key(user, upload_id, r["idx"]) for r in received])
 
     # -------------------------------------------------------------- parts
 
@@ -278,6 +289,21 @@ class Uploads:
         def fail(code: ErrorCode, msg: str, **extra: object) -> RequestError:
             return RequestError(code, msg, rid=rid, upload=upload_id, **extra)
 
+        # One commit of an upload at a time, on any node: a retried commit waits
+        # for the first and then finds its result. A session-level advisory lock
+        # is released by PostgreSQL itself if this process dies.
+        async with self.pool.acquire() as lock:
+            await lock.execute("SELECT pg_advisory_lock($1, hashtext($2))", COMMIT_LOCK, upload_id)
+            try:
+                return await self._commit_locked(user, upload_id, device, fail)
+            finally:
+                await lock.execute(
+                    "SELECT pg_advisory_unlock($1, hashtext($2))", COMMIT_LOCK, upload_id
+                )
+
+    async def _commit_locked(
+        self, user: int, upload_id: str, device: str | None, fail: _Fail
+    ) -> CommitResult:
         up = await self.pool.fetchrow(
             "SELECT *, expires_at < now() AS expired FROM uploads WHERE id = $1 AND user_id = $2",
             upload_id,
@@ -313,10 +339,12 @@ class Uploads:
         copies = [keys.partition_key(user, pid) for pid in ids]
         await self._copy_all(user, upload_id, parts, copies, fail)
         try:
-            result = await self._commit_metadata(up, parts, ids, copies, device, fail)
+            result, ours = await self._commit_metadata(up, parts, ids, copies, device, fail)
         except BaseException:
             await self._delete_quietly(copies)
             raise
+        if not ours:  # another commit won after all: our copies are nobody's
+            await self._delete_quietly(copies)
         await self._delete_quietly([keys.staging_key(user, upload_id, p["idx"]) for p in parts])
         return result
 
@@ -368,7 +396,8 @@ class Uploads:
         copies: list[str],
         device: str | None,
         fail: _Fail,
-    ) -> CommitResult:
+    ) -> tuple[CommitResult, bool]:
+        """Write the commit; the flag is False when another commit had already won."""
         user = up["user_id"]
         size = sum(p["size"] for p in parts)
         async with self.pool.acquire() as conn, conn.transaction():
@@ -380,9 +409,8 @@ class Uploads:
             if state is None:
                 raise fail(ErrorCode.NOT_FOUND, "upload was aborted")
             if state["state"] == "committed":  # a concurrent commit of the same upload won
-                return CommitResult(
-                    state["result_object"], state["result_rev"], state["result_seq"]
-                )
+                won = CommitResult(state["result_object"], state["result_rev"], state["result_seq"])
+                return won, False
             head = ids[0] if ids else None
             if up["object_id"] is None:
                 obj = await conn.fetchval(
@@ -479,7 +507,7 @@ class Uploads:
                 float(self.settings.upload_ttl),
             )
             await conn.execute("DELETE FROM upload_parts WHERE upload_id = $1", up["id"])
-        return CommitResult(obj, rev, seq)
+        return CommitResult(obj, rev, seq), True
 
     async def _delete_quietly(self, store_keys: list[str]) -> None:
         """Best effort: whatever is left behind, the janitor removes later."""

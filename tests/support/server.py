@@ -42,7 +42,10 @@ class RunningServer:
     @property
     def services(self) -> Services:
         assert self._server is not None
-        return self._server.config.loaded_app.app.state.services  # type: ignore[no-any-return]
+        app = self._server.config.loaded_app
+        while not hasattr(app, "state"):  # uvicorn may wrap the app in middleware
+            app = app.app
+        return app.state.services  # type: ignore[no-any-return]
 
     def _run(self) -> None:
         try:
