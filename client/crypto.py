@@ -241,13 +241,29 @@ def seal_part(
 ) -> SealedPart:
     part_key = random_key()
     nonce = os.urandom(NONCE_LEN)
-    data = AESGCM(part_key).encrypt(nonce, plaintext, _aad(b"part", revision, index, count))
+    data = encrypt_part(part_key, nonce, revision, index, count, plaintext)
     return SealedPart(
         data=data,
         sha256=hashlib.sha256(data).digest(),
         key=_seal(object_key, part_key, _aad(b"part-key", revision, index, count)),
         salt=nonce,
         plain_sha256=hashlib.sha256(plaintext).digest(),
+    )
+
+
+def encrypt_part(
+    part_key: bytes, nonce: bytes, revision: bytes, index: int, count: int, plaintext: bytes
+) -> bytes:
+    """The partition's ciphertext. Deterministic for a given key and nonce, which a
+    resumed upload relies on to re-create exactly what it declared."""
+    return AESGCM(part_key).encrypt(nonce, plaintext, _aad(b"part", revision, index, count))
+
+
+def open_part_key(
+    object_key: bytes, revision: bytes, index: int, count: int, sealed_key: bytes
+) -> bytes:
+    return _open(
+        object_key, sealed_key, _aad(b"part-key", revision, index, count), f"part {index} key"
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from server.objects import object_map
+from server.objects import with_parts
 
 BATCH = 500
 
@@ -32,19 +32,7 @@ async def read_changes(
         after,
         limit,
     )
-    if not rows:
-        return []
-    live = [(r["id"], r["rev"]) for r in rows if r["status"] == "active"]
-    parts: dict[int, list[asyncpg.Record]] = {oid: [] for oid, _ in live}
-    if live:
-        for p in await conn.fetch(
-            """SELECT p.object_id, p.id, p.size, p.sha256, p.enc_key, p.salt
-               FROM partitions p JOIN objects o ON o.id = p.object_id AND o.rev = p.rev
-               WHERE p.object_id = ANY($1::bigint[]) ORDER BY p.object_id, p.idx""",
-            [oid for oid, _ in live],
-        ):
-            parts[p["object_id"]].append(p)
-    return [object_map(r, parts.get(r["id"], [])) for r in rows]
+    return await with_parts(conn, rows) if rows else []
 
 
 def change_frame(change: dict[str, Any]) -> dict[str, Any]:

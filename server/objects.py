@@ -72,6 +72,23 @@ def object_map(row: asyncpg.Record, parts: list[asyncpg.Record] | None = None) -
     return out
 
 
+async def with_parts(
+    conn: asyncpg.Connection | asyncpg.Pool, rows: list[asyncpg.Record]
+) -> list[dict[str, Any]]:
+    """Object maps with their current parts, in one query for the whole batch."""
+    live = [r["id"] for r in rows if r["status"] == "active"]
+    parts: dict[int, list[asyncpg.Record]] = {oid: [] for oid in live}
+    if live:
+        for p in await conn.fetch(
+            """SELECT p.object_id, p.id, p.size, p.sha256, p.enc_key, p.salt
+               FROM partitions p JOIN objects o ON o.id = p.object_id AND o.rev = p.rev
+               WHERE p.object_id = ANY($1::bigint[]) ORDER BY p.object_id, p.idx""",
+            live,
+        ):
+            parts[p["object_id"]].append(p)
+    return [object_map(r, parts.get(r["id"], [])) for r in rows]
+
+
 class Objects:
     def __init__(self, pool: asyncpg.Pool, garbage_delay: float) -> None:
         self.pool = pool
@@ -122,7 +139,7 @@ class Objects:
         return object_map(row, parts)
 
     async def list(self, user: int, after: int, limit: int) -> list[dict[str, Any]]:
-        """Live objects by id, for paging: ``after`` is the last id of the previous page."""
+        """Live objects by id, with parts, for paging: ``after`` is the previous page's last id."""
         rows = await self.pool.fetch(
             f"""SELECT {_OBJECT_COLUMNS} FROM objects o
                 JOIN access_list a ON a.object_id = o.id AND a.user_id = $1
@@ -132,7 +149,7 @@ class Objects:
             after,
             limit,
         )
-        return [object_map(r) for r in rows]
+        return await with_parts(self.pool, rows)
 
     async def delete(
         self, user: int, object_id: int, base: int, device: str | None, rid: int | None = None
