@@ -54,6 +54,8 @@ class Committed:
     object: int
     rev: int
     seq: int
+    #: The object key wrapped by the master key: what the next revision needs.
+    sealed_key: bytes = b""
 
 
 def part_count(size: int, part_size: int) -> int:
@@ -137,7 +139,9 @@ class Uploader:
                 raise Conflict(exc.frame["rev"]) from None
             raise
         self.state.drop_journal(key)
-        return Committed(done["object"], done["rev"], done["seq"])
+        return Committed(
+            done["object"], done["rev"], done["seq"], bytes.fromhex(entry["meta_key"])
+        )
 
     def _still_valid(
         self, entry: dict[str, Any], path: Path | None, object_id: int | None, base: int | None

@@ -13,6 +13,9 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # asyncpg 0.32 raises this on a pooled connection that PostgreSQL shut down
+    # while it was idle ("cannot switch to state ..."), see MagicStack/asyncpg#784.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -419,10 +419,14 @@ async def changes(request: Request) -> Response:
     svc.hub.subscribe(claims.user, waiter)  # before the read: no change slips between
     try:
         found = await read_changes(svc.pool, claims.user, since, limit)
-        if not found and wait > 0:
+        deadline = asyncio.get_running_loop().time() + wait
+        # A poke is a hint (a listener reconnect pokes everyone): keep waiting
+        # until a read finds something or the deadline passes.
+        while not found and (left := deadline - asyncio.get_running_loop().time()) > 0:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout(left):
                     await waiter.event.wait()
+            waiter.event.clear()
             found = await read_changes(svc.pool, claims.user, since, limit)
     finally:
         svc.hub.unsubscribe(claims.user, waiter)

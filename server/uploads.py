@@ -238,9 +238,7 @@ class Uploads:
                         user,
                     )
             finally:
-                await conn.execute(
-                    "SELECT pg_advisory_unlock($1, hashtext($2))", COMMIT_LOCK, upload_id
-                )
+                await _unlock(conn, upload_id)
         if not deleted:
             raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid, upload=upload_id)
         await self._delete_quietly([keys.staging_key(user, upload_id, r["idx"]) for r in received])
@@ -297,9 +295,7 @@ class Uploads:
             try:
                 return await self._commit_locked(user, upload_id, device, fail)
             finally:
-                await lock.execute(
-                    "SELECT pg_advisory_unlock($1, hashtext($2))", COMMIT_LOCK, upload_id
-                )
+                await _unlock(lock, upload_id)
 
     async def _commit_locked(
         self, user: int, upload_id: str, device: str | None, fail: _Fail
@@ -517,6 +513,15 @@ class Uploads:
             await self.store.delete_many(store_keys)
         except Exception:
             log.warning("could not delete %d store objects; the janitor will", len(store_keys))
+
+
+async def _unlock(conn: asyncpg.Connection, upload_id: str) -> None:
+    """Release the commit lock; if that fails, end the connection, which releases it
+    too, rather than return a connection still holding it to the pool."""
+    try:
+        await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", COMMIT_LOCK, upload_id)
+    except Exception:
+        conn.terminate()
 
 
 async def retire_partitions(conn: asyncpg.Connection, object_id: int, delay: float) -> None:

@@ -95,7 +95,8 @@ def make_server(
                 **overrides,
             }
         data_dir = tmp_path / f"node{len(running)}"
-        server = RunningServer(test_settings(data_dir, database_url, **overrides)).start()
+        url = overrides.pop("database_url", database_url)
+        server = RunningServer(test_settings(data_dir, url, **overrides)).start()
         running.append(server)
         return server
 
