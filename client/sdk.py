@@ -40,6 +40,15 @@ class Revoked(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Revision:
+    """What a new revision needs of the current one: its object, rev and wrapped key."""
+
+    object: int
+    rev: int
+    sealed_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class RemoteFile:
     """A live object with its name decrypted."""
 
@@ -51,6 +60,10 @@ class RemoteFile:
     @property
     def name(self) -> str:
         return self.meta.path
+
+    @property
+    def revision(self) -> Revision:
+        return Revision(self.object, self.rev, self.raw["meta"]["key"])
 
 
 def conflicted_name(name: str, device: str, when: dt.datetime | None = None) -> str:
@@ -177,7 +190,7 @@ class Tessera:
         path: Path | None,
         name: str,
         *,
-        existing: RemoteFile | None = None,
+        existing: Revision | RemoteFile | None = None,
         kind: str = "file",
         progress: Progress | None = None,
     ) -> tuple[str, Committed]:
@@ -187,6 +200,8 @@ class Tessera:
         conflicted copy, and that name is returned with its commit.
         """
         uploader = Uploader(conn, self.state, self.state.master_key(), part_size=self.part_size)
+        if isinstance(existing, RemoteFile):
+            existing = existing.revision
         try:
             done = await uploader.upload(
                 path,
@@ -194,7 +209,7 @@ class Tessera:
                 kind=kind,
                 object_id=existing.object if existing else None,
                 base=existing.rev if existing else None,
-                sealed_key=existing.raw["meta"]["key"] if existing else None,
+                sealed_key=existing.sealed_key if existing else None,
                 progress=progress,
                 server=self.server,
             )
