@@ -77,6 +77,7 @@ class Connection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
         self.closed: ServerClosed | None = None
+        self._last_sent = asyncio.get_running_loop().time()
 
     @classmethod
     async def open(
@@ -106,13 +107,29 @@ class Connection:
         conn.welcome = first
         conn._credit = first["limits"]["window"]
         conn._reader = asyncio.create_task(conn._read_loop(), name="tessera-reader")
+        idle = first.get("idle_timeout")
+        if idle:
+            task = asyncio.create_task(conn._keepalive(float(idle) / 3))
+            conn._tasks.add(task)
+            task.add_done_callback(conn._tasks.discard)
         return conn
+
+    async def _keepalive(self, every: float) -> None:
+        """The server closes sessions that send nothing for its idle_timeout: ping."""
+        loop = asyncio.get_running_loop()
+        while self.closed is None:
+            await asyncio.sleep(max(0.05, every - (loop.time() - self._last_sent)))
+            if self.closed is None and loop.time() - self._last_sent >= every:
+                with contextlib.suppress(ServerClosed, RemoteError):
+                    await self.request({"t": "ping"})
 
     @property
     def limits(self) -> dict[str, int]:
         return dict(self.welcome["limits"])
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         await self.ws.close()
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -194,6 +211,7 @@ class Connection:
 
     async def send(self, frame: Frame) -> None:
         self._check()
+        self._last_sent = asyncio.get_running_loop().time()
         try:
             await self.ws.send(encode(frame))
         except websockets.ConnectionClosed as exc:

@@ -35,6 +35,14 @@ _ALGORITHM = "HS256"
 _AUDIENCE = "tessera"
 
 
+class Throttled(Exception):
+    """Too many failed logins; try again in ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many failed logins; try again in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
 class AuthError(Exception):
     """Authentication failed; ``expired`` tells a lapsed token from a bad one."""
 
@@ -149,9 +157,50 @@ class Auth:
             raise AuthError("invalid access token") from None
         return AccessClaims(user=user, device=claims.get("dev"), expires=float(claims["exp"]))
 
-    async def login(self, username: str, password: str, device: str | None) -> TokenPair:
-        user = await self.check_password(username, password)
+    async def login(
+        self, username: str, password: str, device: str | None, address: str = ""
+    ) -> TokenPair:
+        """Check the password, throttled per account and per address."""
+        keys = [f"user:{username.lower()}"] + ([f"addr:{address}"] if address else [])
+        wait = await self._throttle_wait(keys)
+        if wait is not None:
+            raise Throttled(wait)
+        try:
+            user = await self.check_password(username, password)
+        except AuthError:
+            await self._record_failure(keys)
+            raise
+        await self.pool.execute("DELETE FROM auth_failures WHERE key = $1", keys[0])
         return await self._issue_pair(user, device, family=uuid.uuid4())
+
+    async def _throttle_wait(self, keys: list[str]) -> float | None:
+        """Seconds until these keys may try again, or None when they may now."""
+        wait = await self.pool.fetchval(
+            """SELECT max(extract(epoch FROM window_start + make_interval(secs => $2) - now()))
+               FROM auth_failures
+               WHERE key = ANY($1) AND failures >= $3
+                 AND window_start > now() - make_interval(secs => $2)""",
+            keys,
+            float(self.settings.login_window),
+            self.settings.login_max_failures,
+        )
+        return max(1.0, float(wait)) if wait is not None else None
+
+    async def _record_failure(self, keys: list[str]) -> None:
+        await self.pool.execute(
+            """INSERT INTO auth_failures (key, window_start, failures)
+               SELECT k, now(), 1 FROM unnest($1::text[]) AS k
+               ON CONFLICT (key) DO UPDATE SET
+                 failures = CASE WHEN auth_failures.window_start
+                                      > now() - make_interval(secs => $2)
+                                 THEN auth_failures.failures + 1 ELSE 1 END,
+                 window_start = CASE WHEN auth_failures.window_start
+                                          > now() - make_interval(secs => $2)
+                                     THEN auth_failures.window_start ELSE now() END""",
+            keys,
+            float(self.settings.login_window),
+        )
+        log.info("failed login for %s", ", ".join(keys))
 
     async def _issue_pair(
         self,

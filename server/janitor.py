@@ -56,6 +56,10 @@ class Janitor:
         report.garbage_deleted = await self._collect_garbage()
         report.staging_orphans = await self._sweep_staging()
         report.partition_orphans = await self._sweep_partitions()
+        await self.pool.execute(
+            "DELETE FROM auth_failures WHERE window_start < now() - make_interval(secs => $1)",
+            float(self.settings.login_window),
+        )
         return report
 
     async def _expire_uploads(self) -> int:

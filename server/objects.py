@@ -159,7 +159,7 @@ class Objects:
             row = await conn.fetchrow(
                 """SELECT o.rev, o.size, o.status, o.owner_id, a.role FROM objects o
                    JOIN access_list a ON a.object_id = o.id AND a.user_id = $2
-                   WHERE o.id = $1 FOR UPDATE OF o""",
+                   WHERE o.id = $1 FOR NO KEY UPDATE OF o""",
                 object_id,
                 user,
             )

@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import json
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,7 +25,7 @@ from starlette.routing import BaseRoute, Route
 from protocol.errors import ErrorCode, FrameError, RequestError
 from protocol.frames import MAX_DEVICE, parse_meta, parse_parts
 from protocol.frames import Upload as UploadFrame
-from server.auth import AccessClaims, AuthError
+from server.auth import AccessClaims, AuthError, Throttled
 from server.changes import read_changes
 from server.db import TRANSIENT_DB_ERRORS
 from server.services import Services
@@ -216,10 +217,15 @@ async def login(request: Request) -> Response:
     device = data.get("device")
     if device is not None and (not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE):
         raise ApiError(ErrorCode.BAD_FRAME, "device must be a short string")
+    address = request.client.host if request.client else ""
     try:
         pair = await services(request).auth.login(
-            _string(data, "username", 64), _string(data, "password", 1024), device
+            _string(data, "username", 64), _string(data, "password", 1024), device, address
         )
+    except Throttled as exc:
+        raise ApiError(
+            ErrorCode.RATE_LIMITED, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))}
+        ) from None
     except AuthError as exc:
         raise ApiError(ErrorCode.UNAUTHORIZED, str(exc)) from None
     return reply(pair.as_json())

@@ -43,6 +43,7 @@ from protocol.frames import (
     Resume,
     Upload,
 )
+from protocol.ratelimit import TokenBucket
 from server.auth import AuthError
 from server.changes import BATCH as FEED_BATCH
 from server.changes import change_frame, read_changes
@@ -54,8 +55,6 @@ from server.uploads import PartWriter, UploadRecord
 
 log = logging.getLogger(__name__)
 
-#: Requests (not chunks) one session may have in flight at once.
-MAX_PENDING_REQUESTS = 64
 #: Seconds before the access token lapses at which ``expiring`` is sent.
 EXPIRY_WARNING = 60.0
 
@@ -108,6 +107,11 @@ class Session:
         #: Resolved (with an exception) to end the session from outside: revocation.
         self._kill: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._acked = 0
+        now = asyncio.get_running_loop().time()
+        rate = services.settings.frame_rate
+        self._frame_budget = TokenBucket(rate, 2 * rate, now)
+        byte_rate = services.settings.byte_rate
+        self._byte_budget = TokenBucket(byte_rate, max(byte_rate, services.settings.window), now)
         self._ack_task: asyncio.Task[None] | None = None
         #: The highest seq sent to this device on this session.
         self.last_sent = 0
@@ -189,13 +193,40 @@ class Session:
         return self.conn.receive(data)
 
     async def _receive_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                frame = await self._receive()
+                async with asyncio.timeout(self.settings.idle_timeout):
+                    frame = await self._receive()
+            except TimeoutError:
+                raise ProtocolViolation("idle for too long", CloseCode.HELLO_TIMEOUT) from None
             except RequestError as exc:  # unknown type, oversize field: answer and go on
                 self.outbox.send(frames.error_from(exc))
                 continue
+            if not await self._within_rates(frame, loop.time()):
+                continue
             self._dispatch(frame)
+
+    async def _within_rates(self, frame: frames.ClientFrame, now: float) -> bool:
+        """Per-session frame and byte rates.
+
+        A request over the frame rate is refused (``rate_limited``, retry true);
+        anything else over a rate is delayed: the socket is not read meanwhile,
+        so the excess waits in the client's TCP buffers, not in server memory.
+        """
+        if not self._frame_budget.try_take(1, now):
+            rid = getattr(frame, "rid", None)
+            if rid is not None:
+                self.outbox.send(
+                    frames.error(ErrorCode.RATE_LIMITED, "too many frames; slow down", rid=rid)
+                )
+                return False
+            await asyncio.sleep(self._frame_budget.take(1, now))
+        if isinstance(frame, Chunk):
+            delay = self._byte_budget.take(len(frame.data), now)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        return True
 
     # ------------------------------------------------------- hello, expiry
 
@@ -223,6 +254,7 @@ class Session:
         self.svc.hub.subscribe(self.user, self)
         self._set_expiry(claims.expires)
         welcome = frames.welcome(self.id, self.user, self.device, row["head"], self.conn.limits)
+        welcome["idle_timeout"] = self.settings.idle_timeout
         await self._send_bytes(encode(welcome))
 
     def _set_expiry(self, expires: float) -> None:
@@ -327,7 +359,7 @@ class Session:
                 raise ProtocolViolation(f"unexpected frame {type(frame).__name__}")
 
     def _spawn(self, rid: int | None, work: Awaitable[dict[str, Any] | None]) -> None:
-        if len(self._requests) >= MAX_PENDING_REQUESTS:
+        if len(self._requests) >= self.settings.max_requests:
             _close_awaitable(work)
             self.outbox.send(
                 frames.error(ErrorCode.RATE_LIMITED, "too many requests in flight", rid=rid)

@@ -101,6 +101,29 @@ class Settings:
     long_poll_max: float = field(
         default=60.0, metadata=_h("longest wait= accepted by GET /v1/changes, seconds")
     )
+    login_max_failures: int = field(
+        default=10, metadata=_h("failed logins per account and per address per window (429)")
+    )
+    login_window: float = field(default=60.0, metadata=_h("login throttling window, seconds"))
+    frame_rate: float = field(
+        default=2000.0, metadata=_h("frames per second per session (burst: twice that)")
+    )
+    byte_rate: int = field(
+        default=512 * MiB, metadata=_h("chunk bytes per second per session (excess is delayed)")
+    )
+    max_requests: int = field(
+        default=64, metadata=_h("requests in flight per session (rate_limited beyond)")
+    )
+    max_open_uploads: int = field(
+        default=100, metadata=_h("unfinished uploads per user (rate_limited beyond)")
+    )
+    max_staged_bytes: int = field(
+        default=16 * 1024 * MiB,
+        metadata=_h("bytes declared by a user's unfinished uploads (quota_exceeded beyond)"),
+    )
+    idle_timeout: float = field(
+        default=3600.0, metadata=_h("seconds without a frame from the client before closing")
+    )
     argon2_time_cost: int = field(default=3, metadata=_h("Argon2id iterations"))
     argon2_memory_cost: int = field(default=65536, metadata=_h("Argon2id memory, KiB"))
     migrate: bool = field(default=True, metadata=_h("apply migrations when serving"))
@@ -156,6 +179,17 @@ class Settings:
             raise ValueError("port must be 0..65535")
         if self.access_ttl <= 0 or self.upload_ttl <= 0 or self.refresh_ttl <= 0:
             raise ValueError("token and upload lifetimes must be positive")
+        for name in (
+            "frame_rate",
+            "byte_rate",
+            "max_requests",
+            "max_open_uploads",
+            "login_max_failures",
+            "idle_timeout",
+            "login_window",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
 

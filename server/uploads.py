@@ -148,15 +148,12 @@ class Uploads:
                 # The owner's quota pays for a shared object, whoever edits it.
                 replaced = row["size"] if row["status"] == "active" else 0
                 payer = row["owner_id"]
-            quota = await conn.fetchrow("SELECT quota, used FROM users WHERE id = $1", payer)
-            if quota["used"] - replaced + frame.size > quota["quota"]:
-                raise RequestError(
-                    ErrorCode.QUOTA_EXCEEDED,
-                    f"{frame.size} bytes do not fit: {quota['used']} of {quota['quota']} used",
-                    rid=frame.rid,
-                )
             upload_id = secrets.token_urlsafe(16)
             async with conn.transaction():
+                # Serialise declarations per payer, so two concurrent uploads cannot
+                # both pass the checks below on the same free space.
+                await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", payer)
+                await self._check_limits(conn, user, payer, frame, replaced)
                 await conn.execute(
                     """INSERT INTO uploads (id, user_id, device_id, object_id, base_rev, kind,
                            enc_name, enc_mtime, enc_key, salt, declared_parts, size, expires_at)
@@ -191,6 +188,46 @@ class Uploads:
             sizes=[p.size for p in frame.parts],
             hashes=[p.sha256 for p in frame.parts],
         )
+
+    async def _check_limits(
+        self, conn: asyncpg.Connection, user: int, payer: int, frame: Upload, replaced: int
+    ) -> None:
+        """Caps on unfinished uploads, and the quota with their bytes reserved."""
+        mine = await conn.fetchrow(
+            "SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes FROM uploads "
+            "WHERE user_id = $1 AND state = 'open' AND expires_at > now()",
+            user,
+        )
+        if mine["n"] >= self.settings.max_open_uploads:
+            raise RequestError(
+                ErrorCode.RATE_LIMITED,
+                f"{mine['n']} unfinished uploads: commit or abort some first",
+                rid=frame.rid,
+            )
+        if mine["bytes"] + frame.size > self.settings.max_staged_bytes:
+            raise RequestError(
+                ErrorCode.QUOTA_EXCEEDED,
+                "unfinished uploads would hold more than "
+                f"{self.settings.max_staged_bytes} bytes: commit or abort some first",
+                rid=frame.rid,
+            )
+        account = await conn.fetchrow(
+            """SELECT u.quota, u.used, coalesce((
+                   SELECT sum(p.size) FROM uploads p
+                   LEFT JOIN objects o ON o.id = p.object_id
+                   WHERE p.state = 'open' AND p.expires_at > now()
+                     AND coalesce(o.owner_id, p.user_id) = u.id), 0) AS reserved
+               FROM users u WHERE u.id = $1""",
+            payer,
+        )
+        need = account["used"] + account["reserved"] - replaced + frame.size
+        if need > account["quota"]:
+            raise RequestError(
+                ErrorCode.QUOTA_EXCEEDED,
+                f"{frame.size} bytes do not fit: {account['used']} used and "
+                f"{account['reserved']} reserved by unfinished uploads of {account['quota']}",
+                rid=frame.rid,
+            )
 
     # ------------------------------------------------------- resume, abort
 
@@ -399,7 +436,7 @@ class Uploads:
         async with self.pool.acquire() as conn, conn.transaction():
             state = await conn.fetchrow(
                 "SELECT state, result_object, result_rev, result_seq FROM uploads "
-                "WHERE id = $1 FOR UPDATE",
+                "WHERE id = $1 FOR NO KEY UPDATE",
                 up["id"],
             )
             if state is None:
@@ -427,7 +464,9 @@ class Uploads:
             else:
                 obj = up["object_id"]
                 current = await conn.fetchrow(
-                    "SELECT rev, size, status, owner_id FROM objects WHERE id = $1 FOR UPDATE", obj
+                    "SELECT rev, size, status, owner_id FROM objects WHERE id = $1 "
+                    "FOR NO KEY UPDATE",
+                    obj,
                 )
                 if current is None:
                     raise fail(ErrorCode.NOT_FOUND, "the object no longer exists")

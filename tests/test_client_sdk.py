@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -97,3 +98,12 @@ def test_conflicted_name_keeps_directory_and_suffix():
     assert (
         conflicted_name("Makefile", "pc", when) == "Makefile (conflicted copy pc 2026-11-21 093012)"
     )
+
+
+async def test_an_idle_sdk_session_keeps_itself_alive(make_server, tmp_path):
+    server = make_server(idle_timeout=0.6)
+    sdk = await device(server, tmp_path, "idle", unique("idle"), new=True)
+    async with sdk.session() as conn:
+        await asyncio.sleep(2.0)  # > 3 idle timeouts without any call of ours
+        assert conn.closed is None
+        assert (await conn.request({"t": "ping"}))["t"] == "pong"
