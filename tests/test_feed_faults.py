@@ -679,3 +679,43 @@ async def test_long_poll_waiting_across_a_listener_kill_returns_the_next_change(
         )
         assert body["cursor"] == after["seq"]
     await writer.close()
+
+
+async def test_revocation_and_password_change_close_sessions_on_another_node(
+    tmp_path, database_url, s3_config, s3_buckets
+):
+    """DELETE /v1/devices/{id} and a password change on node 1 close the affected
+    sessions on node 2 at once (4403 and 4401), and leave the others alone."""
+    nodes: list[Node] = []
+    try:
+        for i in (1, 2):
+            data_dir = tmp_path / f"node{i}"
+            data_dir.mkdir()
+            node = Node(
+                node_args(data_dir, database_url, s3_config, s3_buckets),
+                tmp_path / f"node{i}.log",
+            )
+            nodes.append(node)
+            await asyncio.to_thread(node.start)
+        n1, n2 = nodes
+        name = unique("revoke")
+        user = await register_login(n1.http, name, device="admin")
+        victim = await SyncClient.connect(n2.ws, user["access"], device="stolen-phone")
+        bystander = await SyncClient.connect(n2.ws, user["access"], device="tablet")
+        auth = {"Authorization": f"Bearer {user['access']}"}
+        async with httpx.AsyncClient(base_url=n1.http, headers=auth, timeout=30) as http:
+            assert (await http.delete("/v1/devices/stolen-phone")).status_code == 204
+            code, _ = await victim.closed(timeout=5)
+            assert code == 4403
+            assert (await bystander.request({"t": "ping"}))["t"] == "pong"
+
+            r = await http.patch(
+                "/v1/account",
+                json={"password": {"current": "correct horse battery", "new": "brand new pw"}},
+            )
+            assert r.status_code == 200, r.text
+            code, _ = await bystander.closed(timeout=5)
+            assert code == 4401  # every other device is signed out, on any node
+    finally:
+        for node in nodes:
+            await asyncio.to_thread(node.stop)
