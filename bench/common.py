@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import socket
 import subprocess
@@ -95,7 +94,3 @@ def register(http: str, username: str, password: str = "bench password") -> str:
         r = client.post("/v1/auth/login", json={"username": username, "password": password})
         r.raise_for_status()
         return str(r.json()["access"])
-
-
-def machine() -> str:
-    return f"{os.cpu_count()} cores, Python {sys.version.split()[0]}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import os
 import time
 from typing import Any
@@ -18,7 +19,8 @@ import asyncpg
 import msgpack
 import websockets
 
-from bench.common import machine, percentile, register, server_process
+from bench.common import percentile, register, server_process
+from bench.report import Result
 from protocol.codec import encode
 
 
@@ -107,7 +109,7 @@ async def notify_latencies(database_url: str, n: int) -> tuple[list[float], list
     return after_ack, round_trip
 
 
-def run(n: int) -> dict[str, float]:
+def measure(n: int) -> dict[str, float]:
     with server_process() as srv:
         token = register(srv.http, "bench-latency")
 
@@ -130,26 +132,52 @@ def run(n: int) -> dict[str, float]:
     }
 
 
+def run(smoke: bool = False) -> list[Result]:
+    n = 20 if smoke else 1000
+    r = measure(n)
+    settings = f"{r['n']} commits, LocalStore, embedded PostgreSQL"
+    base = "bare asyncpg LISTEN/NOTIFY round trip"
+    return [
+        Result(
+            benchmark="push latency, idle: committed on A -> change on B, p50",
+            figure=r["p50"],
+            unit="ms",
+            target="p50 <= 3 ms",
+            met=r["p50"] <= 3,
+            baseline=r["base_p50"],
+            baseline_name="bare NOTIFY: commit returned -> notified",
+            settings=settings,
+        ),
+        Result(
+            benchmark="push latency, idle: committed on A -> change on B, p99",
+            figure=r["p99"],
+            unit="ms",
+            target="p99 <= 15 ms",
+            met=r["p99"] <= 15,
+            baseline=r["base_p99"],
+            baseline_name="bare NOTIFY: commit returned -> notified",
+            settings=settings,
+        ),
+        Result(
+            benchmark="push round trip: commit sent by A -> change on B, p50",
+            figure=r["rt_p50"],
+            unit="ms",
+            target="(no target; includes the commit itself)",
+            met=None,
+            baseline=r["base_rt_p50"],
+            baseline_name=f"{base}: begin -> notified",
+            settings=settings,
+            extra={"p99 ms": r["rt_p99"], "baseline p99 ms": r["base_rt_p99"]},
+        ),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=1000, help="commits to measure")
     args = parser.parse_args()
-    r = run(args.n)
-    print(f"machine: {machine()}")
-    print(f"{r['n']} commits")
-    print(
-        f"tessera committed(A)->change(B): p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms;"
-        f" commit sent(A)->change(B): p50 {r['rt_p50']:.2f} ms, p99 {r['rt_p99']:.2f} ms"
-    )
-    print(
-        f"bare NOTIFY commit returned->notified: p50 {r['base_p50']:.2f} ms,"
-        f" p99 {r['base_p99']:.2f} ms; begin->notified: p50 {r['base_rt_p50']:.2f} ms,"
-        f" p99 {r['base_rt_p99']:.2f} ms"
-    )
-    print(
-        f"round-trip ratio: p50 {r['rt_p50'] / r['base_rt_p50']:.1f}x,"
-        f" p99 {r['rt_p99'] / r['base_rt_p99']:.1f}x"
-    )
+    r = measure(args.n)
+    print(json.dumps(r, indent=1))
 
 
 if __name__ == "__main__":
