@@ -67,6 +67,7 @@ class RestApi:
     # ----------------------------------------------------- unauthenticated
 
     async def register(self, username: str, password: str) -> int:
+        """``password`` is what the server checks: the SDK passes a login secret."""
         r = await self._http.post(
             "/v1/auth/register", json={"username": username, "password": password}
         )

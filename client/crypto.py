@@ -76,13 +76,19 @@ def _open(key: bytes, sealed: bytes, aad: bytes, what: str) -> bytes:
 @dataclass(frozen=True, slots=True)
 class KdfParams:
     salt: bytes
-    iterations: int = KDF_ITERATIONS
-    lanes: int = KDF_LANES
-    memory_kib: int = KDF_MEMORY_KIB
+    iterations: int
+    lanes: int
+    memory_kib: int
 
     @classmethod
-    def fresh(cls, **overrides: int) -> KdfParams:
-        return cls(salt=os.urandom(16), **overrides)
+    def fresh(cls, salt: bytes | None = None) -> KdfParams:
+        """The current module parameters (read at call time, so tests can lower them)."""
+        return cls(
+            salt=os.urandom(16) if salt is None else salt,
+            iterations=KDF_ITERATIONS,
+            lanes=KDF_LANES,
+            memory_kib=KDF_MEMORY_KIB,
+        )
 
     def derive(self, password: str) -> bytes:
         kdf = Argon2id(
@@ -93,6 +99,18 @@ class KdfParams:
             memory_cost=self.memory_kib,
         )
         return kdf.derive(password.encode())
+
+
+def login_secret(username: str, password: str) -> str:
+    """What the client sends to the server instead of the password.
+
+    Argon2id of the password with a salt derived from the username: the server
+    can check it (it stores only an Argon2id hash of it) but learns nothing that
+    opens the key bundle, whose KEK uses the same password with a different,
+    random salt. The password itself never leaves the device.
+    """
+    salt = hashlib.sha256(b"tessera/login/v1\x00" + username.lower().encode()).digest()[:16]
+    return KdfParams.fresh(salt).derive(password).hex()
 
 
 def _bundle_aad(username: str) -> bytes:

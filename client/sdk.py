@@ -8,6 +8,7 @@ up: :meth:`Tessera.remote_files` lists the objects and decrypts their names.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
@@ -95,20 +96,24 @@ class Tessera:
     # ------------------------------------------------------------- accounts
 
     async def register(self, username: str, password: str) -> None:
+        secret = await asyncio.to_thread(crypto.login_secret, username, password)
         async with RestApi(self.server) as api:
-            await api.register(username, password)
+            await api.register(username, secret)
         await self.login(username, password)
 
     async def login(self, username: str, password: str) -> None:
         """Log this device in; create the user's master key on the very first login."""
         device = self.state.device_id()
+        secret = await asyncio.to_thread(crypto.login_secret, username, password)
         async with RestApi(self.server, self.state) as api:
-            self.state.save_tokens(await api.login(username, password, device))
+            self.state.save_tokens(await api.login(username, secret, device))
             self.state.save_profile(Profile(self.server, username, device))
             bundle = await api.key_bundle()
             if bundle is None:
                 master = crypto.random_key()
-                fresh = crypto.make_bundle(username, password, master, crypto.KdfParams.fresh())
+                fresh = await asyncio.to_thread(
+                    crypto.make_bundle, username, password, master, crypto.KdfParams.fresh()
+                )
                 try:
                     await api.put_key_bundle(fresh, replace=False)
                 except ApiError as exc:  # another device created it first: use theirs
@@ -116,7 +121,7 @@ class Tessera:
                         raise
                     bundle = await api.key_bundle()
             if bundle is not None:
-                master = crypto.open_bundle(username, password, bundle)
+                master = await asyncio.to_thread(crypto.open_bundle, username, password, bundle)
             self.state.save_master_key(master)
             account = await api.account()
         self.state.save_profile(Profile(self.server, username, device, account["user"]))
@@ -126,8 +131,15 @@ class Tessera:
             bundle = await api.key_bundle()
             if bundle is None:
                 raise crypto.IntegrityError("no key bundle on the server")
-            rewrapped = crypto.rewrap_bundle(self.profile.username, current, new, bundle)
-            await api.change_password(current, new, rewrapped)
+            username = self.profile.username
+            rewrapped = await asyncio.to_thread(
+                crypto.rewrap_bundle, username, current, new, bundle
+            )
+            old_secret, new_secret = await asyncio.gather(
+                asyncio.to_thread(crypto.login_secret, username, current),
+                asyncio.to_thread(crypto.login_secret, username, new),
+            )
+            await api.change_password(old_secret, new_secret, rewrapped)
 
     # --------------------------------------------------------------- session
 

@@ -139,9 +139,7 @@ class Uploader:
                 raise Conflict(exc.frame["rev"]) from None
             raise
         self.state.drop_journal(key)
-        return Committed(
-            done["object"], done["rev"], done["seq"], bytes.fromhex(entry["meta_key"])
-        )
+        return Committed(done["object"], done["rev"], done["seq"], bytes.fromhex(entry["meta_key"]))
 
     def _still_valid(
         self, entry: dict[str, Any], path: Path | None, object_id: int | None, base: int | None

@@ -29,7 +29,7 @@ from server.auth import AccessClaims, AuthError, Throttled
 from server.changes import read_changes
 from server.db import TRANSIENT_DB_ERRORS
 from server.services import Services
-from server.stores import StoreError
+from server.stores import BlobNotFound, StoreError
 
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.BAD_FRAME: 400,
@@ -189,6 +189,8 @@ def endpoint(handler: Handler) -> Handler:
             return error_response(exc)
         except FrameError as exc:
             return error_response(ApiError(ErrorCode.BAD_FRAME, exc.reason))
+        except BlobNotFound:
+            return error_response(ApiError(ErrorCode.INTERNAL, "stored data is missing"))
         except (StoreError, *TRANSIENT_DB_ERRORS) as exc:
             return error_response(
                 ApiError(ErrorCode.UNAVAILABLE, f"backend unavailable: {type(exc).__name__}")

@@ -50,7 +50,7 @@ from server.changes import change_frame, read_changes
 from server.db import TRANSIENT_DB_ERRORS
 from server.outbox import Outbox, OutboxClosed
 from server.services import Services
-from server.stores import StoreError
+from server.stores import BlobNotFound, StoreError
 from server.uploads import PartWriter, UploadRecord
 
 log = logging.getLogger(__name__)
@@ -377,6 +377,9 @@ class Session:
             if exc.rid is None:
                 exc.rid = rid
             reply = frames.error_from(exc)
+        except BlobNotFound as exc:  # a row points at missing data: retrying cannot help
+            log.error("session %s: stored data missing: %s", self.id, exc)
+            reply = frames.error(ErrorCode.INTERNAL, "stored data is missing", rid=rid)
         except (StoreError, *TRANSIENT_DB_ERRORS) as exc:
             log.warning("session %s: backend unavailable: %r", self.id, exc)
             reply = frames.error(ErrorCode.UNAVAILABLE, "storage temporarily unavailable", rid=rid)

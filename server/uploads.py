@@ -11,11 +11,12 @@ leaves only unreferenced partition objects, which the janitor removes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -113,6 +114,7 @@ class Uploads:
         self.pool = pool
         self.store = store
         self.spool_dir = spool_dir
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def writer(self, rec: UploadRecord, index: int) -> PartWriter:
         return PartWriter(self.spool_dir, rec.id, index, rec.sizes[index], rec.hashes[index])
@@ -329,10 +331,18 @@ class Uploads:
         # is released by PostgreSQL itself if this process dies.
         async with self.pool.acquire() as lock:
             await lock.execute("SELECT pg_advisory_lock($1, hashtext($2))", COMMIT_LOCK, upload_id)
+            stalled = False
             try:
                 return await self._commit_locked(user, upload_id, device, fail)
+            except TimeoutError:
+                stalled = True
+                raise
             finally:
-                await _unlock(lock, upload_id)
+                if stalled:  # the database does not answer: don't wait on it again
+                    with contextlib.suppress(Exception):
+                        lock.terminate()
+                else:
+                    await _unlock(lock, upload_id)
 
     async def _commit_locked(
         self, user: int, upload_id: str, device: str | None, fail: _Fail
@@ -373,13 +383,40 @@ class Uploads:
         await self._copy_all(user, upload_id, parts, copies, fail)
         try:
             result, ours = await self._commit_metadata(up, parts, ids, copies, device, fail)
-        except BaseException:
-            await self._delete_quietly(copies)
+        except RequestError:
+            # We refused inside the transaction, so it rolled back for certain.
+            self._cleanup(copies)
             raise
+        except TimeoutError:
+            raise  # stalled: asking again would stall too; a retried commit will know
+        except BaseException:
+            # The connection failed: COMMIT may have reached PostgreSQL. Deleting
+            # the copies now could destroy committed data, so leave them to the
+            # janitor (which deletes only what no row references) and find out.
+            outcome = await self._outcome(upload_id)
+            if outcome is None:
+                raise
+            result, ours = outcome, True
         if not ours:  # another commit won after all: our copies are nobody's
-            await self._delete_quietly(copies)
-        await self._delete_quietly([keys.staging_key(user, upload_id, p["idx"]) for p in parts])
+            self._cleanup(copies)
+        self._cleanup([keys.staging_key(user, upload_id, p["idx"]) for p in parts])
         return result
+
+    async def _outcome(self, upload_id: str) -> CommitResult | None:
+        """After an ambiguous failure: the commit's result if it did commit, else None."""
+        try:
+            async with asyncio.timeout(5):
+                row = await self.pool.fetchrow(
+                    "SELECT state, result_object, result_rev, result_seq FROM uploads "
+                    "WHERE id = $1",
+                    upload_id,
+                )
+        except Exception:
+            return None
+        if row is None or row["state"] != "committed":
+            return None
+        log.warning("commit of %s succeeded although its connection failed", upload_id)
+        return CommitResult(row["result_object"], row["result_rev"], row["result_seq"])
 
     async def _copy_all(
         self,
@@ -403,12 +440,12 @@ class Uploads:
             async with asyncio.TaskGroup() as tg:
                 for part, dst in zip(parts, copies, strict=True):
                     tg.create_task(copy(part["idx"], dst))
-        except BaseException:
-            await self._delete_quietly(copies)
-            raise
+        except BaseExceptionGroup as group:
+            self._cleanup(copies)
+            raise group.exceptions[0] from None  # e.g. StoreError: answered unavailable
         if lost:
             # Staged data vanished (e.g. removed by hand): ask the client to resend it.
-            await self._delete_quietly(copies)
+            self._cleanup(copies)
             await self.pool.execute(
                 "UPDATE upload_parts SET received = false WHERE upload_id = $1 AND idx = ANY($2)",
                 upload_id,
@@ -433,7 +470,7 @@ class Uploads:
         """Write the commit; the flag is False when another commit had already won."""
         user = up["user_id"]
         size = sum(p["size"] for p in parts)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, _transaction(conn):
             state = await conn.fetchrow(
                 "SELECT state, result_object, result_rev, result_seq FROM uploads "
                 "WHERE id = $1 FOR NO KEY UPDATE",
@@ -544,6 +581,14 @@ class Uploads:
             await conn.execute("DELETE FROM upload_parts WHERE upload_id = $1", up["id"])
         return CommitResult(obj, rev, seq), True
 
+    def _cleanup(self, store_keys: list[str]) -> None:
+        """Delete in the background: a reply must not wait on a store that stalls.
+        Whatever this does not delete, the janitor does."""
+        if store_keys:
+            task = asyncio.create_task(self._delete_quietly(store_keys))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def _delete_quietly(self, store_keys: list[str]) -> None:
         """Best effort: whatever is left behind, the janitor removes later."""
         if not store_keys:
@@ -558,9 +603,31 @@ async def _unlock(conn: asyncpg.Connection, upload_id: str) -> None:
     """Release the commit lock; if that fails, end the connection, which releases it
     too, rather than return a connection still holding it to the pool."""
     try:
-        await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", COMMIT_LOCK, upload_id)
+        await conn.execute(
+            "SELECT pg_advisory_unlock($1, hashtext($2))", COMMIT_LOCK, upload_id, timeout=5
+        )
     except Exception:
-        conn.terminate()
+        with contextlib.suppress(Exception):  # already closed and released: fine
+            conn.terminate()
+
+
+@contextlib.asynccontextmanager
+async def _transaction(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A transaction that, when something other than our own refusal fails inside it,
+    drops the connection rather than waiting on a ROLLBACK a stalled server may never
+    answer. PostgreSQL rolls back whatever did not commit when the connection ends."""
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        yield
+    except RequestError:
+        await tr.rollback()
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        raise
+    await tr.commit()
 
 
 async def retire_partitions(conn: asyncpg.Connection, object_id: int, delay: float) -> None:

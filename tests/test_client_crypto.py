@@ -15,7 +15,9 @@ FAST = {"iterations": 1, "lanes": 1, "memory_kib": 8 * 1024}
 
 def test_bundle_round_trip_and_wrong_password():
     master = crypto.random_key()
-    bundle = crypto.make_bundle("alice", "secret pw", master, KdfParams.fresh(**FAST))
+    bundle = crypto.make_bundle(
+        "alice", "secret pw", master, KdfParams(salt=os.urandom(16), **FAST)
+    )
     assert master not in bundle and b"secret pw" not in bundle
     assert crypto.open_bundle("alice", "secret pw", bundle) == master
     with pytest.raises(WrongPassword):
@@ -28,7 +30,8 @@ def test_bundle_round_trip_and_wrong_password():
 
 def test_rewrap_keeps_the_master_key():
     master = crypto.random_key()
-    bundle = crypto.make_bundle("bob", "old password", master, KdfParams.fresh(**FAST))
+    params = KdfParams(salt=os.urandom(16), **FAST)
+    bundle = crypto.make_bundle("bob", "old password", master, params)
     new = crypto.rewrap_bundle("bob", "old password", "new password", bundle)
     assert crypto.open_bundle("bob", "new password", new) == master
     with pytest.raises(WrongPassword):
@@ -103,3 +106,17 @@ def test_every_encryption_uses_a_fresh_nonce():
     a = crypto.seal_part(object_key, revision, 0, 1, b"same")
     b = crypto.seal_part(object_key, revision, 0, 1, b"same")
     assert a.data != b.data and a.salt != b.salt and a.key != b.key
+
+
+def test_login_secret_is_not_the_password_and_cannot_open_the_bundle(monkeypatch):
+    monkeypatch.setattr(crypto, "KDF_MEMORY_KIB", 8 * 1024)
+    monkeypatch.setattr(crypto, "KDF_ITERATIONS", 1)
+    monkeypatch.setattr(crypto, "KDF_LANES", 1)
+    secret = crypto.login_secret("Alice", "secret pw")
+    assert secret == crypto.login_secret("alice", "secret pw")  # usernames are case-blind
+    assert secret != crypto.login_secret("bob", "secret pw")
+    assert "secret pw" not in secret and len(bytes.fromhex(secret)) == 32
+    master = crypto.random_key()
+    bundle = crypto.make_bundle("alice", "secret pw", master, KdfParams.fresh())
+    with pytest.raises(WrongPassword):  # what the server sees does not open the keys
+        crypto.open_bundle("alice", secret, bundle)

@@ -30,13 +30,7 @@ async def device(server, tmp_path: Path, name: str, username: str, *, new: bool)
 def fast_kdf(monkeypatch):
     monkeypatch.setattr(crypto, "KDF_MEMORY_KIB", 8 * 1024)
     monkeypatch.setattr(crypto, "KDF_ITERATIONS", 1)
-    monkeypatch.setattr(
-        crypto.KdfParams,
-        "fresh",
-        classmethod(
-            lambda cls, **kw: cls(salt=os.urandom(16), iterations=1, lanes=1, memory_kib=8 * 1024)
-        ),
-    )
+    monkeypatch.setattr(crypto, "KDF_LANES", 1)
 
 
 async def test_two_devices_share_one_master_key_and_files(server, tmp_path):
@@ -107,3 +101,16 @@ async def test_an_idle_sdk_session_keeps_itself_alive(make_server, tmp_path):
         await asyncio.sleep(2.0)  # > 3 idle timeouts without any call of ours
         assert conn.closed is None
         assert (await conn.request({"t": "ping"}))["t"] == "pong"
+
+
+async def test_the_server_never_receives_the_password(server, tmp_path, db):
+    from argon2 import PasswordHasher
+    from argon2.exceptions import VerifyMismatchError
+
+    username = unique("secret")
+    await device(server, tmp_path, "a", username, new=True)
+    stored = await db.fetchval("SELECT password_hash FROM users WHERE username = $1", username)
+    hasher = PasswordHasher()
+    assert hasher.verify(stored, crypto.login_secret(username, PASSWORD))
+    with pytest.raises(VerifyMismatchError):
+        hasher.verify(stored, PASSWORD)

@@ -20,13 +20,10 @@ PART = 64 * 1024
 
 @pytest.fixture(autouse=True)
 def fast_kdf(monkeypatch):
-    monkeypatch.setattr(
-        crypto.KdfParams,
-        "fresh",
-        classmethod(
-            lambda cls, **kw: cls(os.urandom(16), iterations=1, lanes=1, memory_kib=8 * 1024)
-        ),
-    )
+    monkeypatch.setattr(crypto, "KDF_MEMORY_KIB", 8 * 1024)
+    monkeypatch.setattr(crypto, "KDF_ITERATIONS", 1)
+    monkeypatch.setattr(crypto, "KDF_LANES", 1)
+
 
 
 async def make_device(server, tmp_path: Path, name: str, username: str, *, new: bool) -> Tessera:
