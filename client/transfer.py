@@ -132,7 +132,14 @@ class Uploader:
         if progress:
             progress(sum(entry["sizes"][i] - TAG for i in have))
         try:
-            await self._send_missing(path, entry, have, progress)
+            try:
+                await self._send_missing(path, entry, have, progress)
+            except FileChanged:
+                # Same size and mtime, other bytes: the old declaration is worthless.
+                await self._abandon(entry)
+                entry = await self._declare(path, name, kind, object_id, base, sealed_key)
+                self.state.save_journal(key, entry)
+                await self._send_missing(path, entry, set(), progress)
             done = await self.conn.request({"t": "commit", "upload": entry["upload"]})
         except RemoteError as exc:
             if exc.code == "conflict":
@@ -247,9 +254,12 @@ class Uploader:
                 if progress:
                     progress(len(plain))
 
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(min(self.parallel, len(missing))):
-                tg.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(self.parallel, len(missing))):
+                    tg.create_task(worker())
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None  # callers handle FileChanged, RemoteError
 
 
 def reseal_part(
@@ -304,7 +314,7 @@ async def download(
         raise IntegrityError("part sizes do not add up to the file size")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tessera-{os.getpid()}-{os.urandom(3).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     hashes: list[bytes] = [b""] * len(parts)
     try:
         limit = asyncio.Semaphore(parallel)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import secrets
 import time
@@ -56,6 +57,7 @@ class AccessClaims:
     user: int
     device: str | None
     expires: float  # epoch seconds
+    issued: float = 0.0  # epoch seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +157,34 @@ class Auth:
             user = int(claims["sub"])
         except (TypeError, ValueError):
             raise AuthError("invalid access token") from None
-        return AccessClaims(user=user, device=claims.get("dev"), expires=float(claims["exp"]))
+        return AccessClaims(
+            user=user,
+            device=claims.get("dev"),
+            expires=float(claims["exp"]),
+            issued=float(claims.get("iat", 0)),
+        )
+
+    async def check_live(self, claims: AccessClaims) -> None:
+        """Refuse a well-signed token whose device was revoked, or that predates a
+        password change made on another device (it was signed out)."""
+        row = await self.pool.fetchrow(
+            """SELECT extract(epoch FROM u.password_changed_at) AS changed,
+                      u.password_changed_by AS changer,
+                      d.revoked_at IS NOT NULL AS revoked
+               FROM users u LEFT JOIN devices d ON d.user_id = u.id AND d.id = $2
+               WHERE u.id = $1""",
+            claims.user,
+            claims.device,
+        )
+        if row is None:
+            raise AuthError("the account no longer exists")
+        if row["revoked"]:
+            raise AuthError("this device was revoked")
+        changed = row["changed"]
+        # iat has whole seconds: a token from the second of the change stays valid.
+        stale = changed is not None and claims.issued < math.floor(float(changed))
+        if stale and (claims.device is None or claims.device != row["changer"]):
+            raise AuthError("signed out: the password was changed on another device")
 
     async def login(
         self, username: str, password: str, device: str | None, address: str = ""
@@ -171,6 +200,15 @@ class Auth:
             await self._record_failure(keys)
             raise
         await self.pool.execute("DELETE FROM auth_failures WHERE key = $1", keys[0])
+        if device:
+            # Listed (and revocable) from its login on; logging in with the password
+            # again re-authorises a device id that was revoked.
+            await self.pool.execute(
+                "INSERT INTO devices (user_id, id) VALUES ($1, $2) ON CONFLICT (user_id, id) "
+                "DO UPDATE SET last_seen = now(), revoked_at = NULL",
+                user,
+                device,
+            )
         return await self._issue_pair(user, device, family=uuid.uuid4())
 
     async def _throttle_wait(self, keys: list[str]) -> float | None:
@@ -285,11 +323,12 @@ class Auth:
         digest = await asyncio.to_thread(self._hasher.hash, new)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "UPDATE users SET password_hash = $2, key_bundle = coalesce($3, key_bundle) "
-                "WHERE id = $1",
+                "UPDATE users SET password_hash = $2, key_bundle = coalesce($3, key_bundle), "
+                "password_changed_at = now(), password_changed_by = $4 WHERE id = $1",
                 user,
                 digest,
                 bundle,
+                keep_device,
             )
             await conn.execute(
                 "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 "

@@ -92,17 +92,20 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def authenticate(request: Request) -> AccessClaims:
+async def authenticate(request: Request) -> AccessClaims:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError(
             ErrorCode.UNAUTHORIZED, "missing bearer token", {"WWW-Authenticate": "Bearer"}
         )
+    auth = services(request).auth
     try:
-        return services(request).auth.verify_access(token.strip())
+        claims = auth.verify_access(token.strip())
+        await auth.check_live(claims)
     except AuthError as exc:
         raise ApiError(ErrorCode.UNAUTHORIZED, str(exc), {"WWW-Authenticate": "Bearer"}) from None
+    return claims
 
 
 async def read_json(request: Request) -> dict[str, Any]:
@@ -252,7 +255,7 @@ async def logout(request: Request) -> Response:
 
 @endpoint
 async def account(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     row = await services(request).pool.fetchrow(
         "SELECT username, created_at, used, quota, change_seq FROM users WHERE id = $1",
         claims.user,
@@ -277,7 +280,7 @@ MAX_KEY_BUNDLE = 64 * 1024
 @endpoint
 async def patch_account(request: Request) -> Response:
     """Change the password (``{"password": {"current", "new"}, "key_bundle"?}``)."""
-    claims = authenticate(request)
+    claims = await authenticate(request)
     data = await read_json(request)
     unknown = set(data) - {"password", "key_bundle"}
     if unknown:
@@ -308,7 +311,7 @@ def _bundle(value: Any) -> bytes:
 
 @endpoint
 async def get_keys(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     bundle = await services(request).pool.fetchval(
         "SELECT key_bundle FROM users WHERE id = $1", claims.user
     )
@@ -319,7 +322,7 @@ async def get_keys(request: Request) -> Response:
 async def put_keys(request: Request) -> Response:
     """Store the key bundle. ``"replace": false`` refuses to overwrite one (409), so two
     first devices racing to create a master key cannot clobber each other."""
-    claims = authenticate(request)
+    claims = await authenticate(request)
     data = await read_json(request)
     bundle = _bundle(data.get("key_bundle"))
     replace = data.get("replace", True)
@@ -338,7 +341,7 @@ async def put_keys(request: Request) -> Response:
 
 @endpoint
 async def list_devices(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     rows = await services(request).pool.fetch(
         "SELECT id, name, created_at, last_seen, acked, revoked_at FROM devices "
         "WHERE user_id = $1 ORDER BY created_at, id",
@@ -364,7 +367,7 @@ async def list_devices(request: Request) -> Response:
 
 @endpoint
 async def revoke_device(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     device = request.path_params["device"]
     if not await services(request).auth.revoke_device(claims.user, device):
         raise ApiError(ErrorCode.NOT_FOUND, "no such device")
@@ -376,7 +379,7 @@ async def revoke_device(request: Request) -> Response:
 
 @endpoint
 async def list_objects(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     after = _int_param(request, "after", 0)
     limit = _int_param(request, "limit", 100, 1, 1000)
     objects = await services(request).objects.list(claims.user, after, limit)
@@ -386,13 +389,13 @@ async def list_objects(request: Request) -> Response:
 
 @endpoint
 async def get_object(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     return reply(await services(request).objects.get(claims.user, _path_int(request, "id")))
 
 
 @endpoint
 async def delete_object(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     base = _int_param(request, "base", -1, 1)
     if base < 1:
         raise ApiError(ErrorCode.BAD_FRAME, "base (the revision being deleted) is required")
@@ -418,7 +421,7 @@ class _Waiter:
 @endpoint
 async def changes(request: Request) -> Response:
     """The change feed over HTTP; ``wait=`` seconds long-polls for the next change."""
-    claims = authenticate(request)
+    claims = await authenticate(request)
     svc = services(request)
     since = _int_param(request, "since", 0)
     limit = _int_param(request, "limit", 500, 1, 1000)
@@ -447,7 +450,7 @@ async def changes(request: Request) -> Response:
 
 @endpoint
 async def partition_info(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     part = await services(request).objects.partition(claims.user, _path_int(request, "id"))
     return reply(part.info())
 
@@ -488,7 +491,7 @@ def _unsatisfiable(size: int) -> ApiError:
 
 @endpoint
 async def download(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     svc = services(request)
     part = await svc.objects.partition(claims.user, _path_int(request, "id"))
     url = await svc.store.presign_get(part.store_key, svc.settings.presign_ttl)
@@ -569,7 +572,7 @@ def _upload_frame(data: dict[str, Any], request: Request) -> UploadFrame:
 
 @endpoint
 async def create_upload(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     frame = _upload_frame(await read_json(request), request)
     record = await services(request).uploads.create(claims.user, claims.device, frame)
     return reply({"upload": record.id, "have": []}, 201)
@@ -577,21 +580,21 @@ async def create_upload(request: Request) -> Response:
 
 @endpoint
 async def upload_status(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     record = await services(request).uploads.open(claims.user, request.path_params["upload"])
     return reply({"upload": record.id, "have": record.have, "parts": len(record.sizes)})
 
 
 @endpoint
 async def abort_upload(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     await services(request).uploads.abort(claims.user, request.path_params["upload"])
     return Response(status_code=204)
 
 
 @endpoint
 async def put_part(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     svc = services(request)
     upload_id = request.path_params["upload"]
     record = await svc.uploads.open(claims.user, upload_id)
@@ -637,7 +640,7 @@ def _int_param_path(request: Request, name: str) -> int:
 
 @endpoint
 async def commit_upload(request: Request) -> Response:
-    claims = authenticate(request)
+    claims = await authenticate(request)
     result = await services(request).uploads.commit(
         claims.user, request.path_params["upload"], claims.device
     )

@@ -233,8 +233,10 @@ class Session:
     async def _start(self, hello: Hello) -> None:
         try:
             claims = self.svc.auth.verify_access(hello.token)
+            await self.svc.auth.check_live(claims)
         except AuthError as exc:
-            raise ProtocolViolation(str(exc), CloseCode.UNAUTHORIZED) from None
+            code = CloseCode.DEVICE_REVOKED if "revoked" in str(exc) else CloseCode.UNAUTHORIZED
+            raise ProtocolViolation(str(exc), code) from None
         cap = self.settings.max_sessions_per_user
         if self.svc.hub.count(claims.user, Session) >= cap:
             raise ProtocolViolation(f"at most {cap} sessions per user", CloseCode.TOO_MANY_SESSIONS)
@@ -354,7 +356,7 @@ class Session:
             case Get(rid=rid):
                 self._start_get(frame)
             case Reauth(rid=rid):
-                self._reauth(frame)
+                self._spawn(rid, self._reauth(frame))
             case _:  # pragma: no cover - the parser only yields the types above
                 raise ProtocolViolation(f"unexpected frame {type(frame).__name__}")
 
@@ -604,19 +606,16 @@ class Session:
                 log.warning("session %s: could not record ack: %r", self.id, exc)
                 return
 
-    def _reauth(self, frame: Reauth) -> None:
+    async def _reauth(self, frame: Reauth) -> dict[str, Any]:
         try:
             claims = self.svc.auth.verify_access(frame.token)
+            await self.svc.auth.check_live(claims)
         except AuthError as exc:
-            self.outbox.send(frames.error(ErrorCode.UNAUTHORIZED, str(exc), rid=frame.rid))
-            return
+            return frames.error(ErrorCode.UNAUTHORIZED, str(exc), rid=frame.rid)
         if claims.user != self.user:
-            self.outbox.send(
-                frames.error(ErrorCode.FORBIDDEN, "token is for another user", rid=frame.rid)
-            )
-            return
+            return frames.error(ErrorCode.FORBIDDEN, "token is for another user", rid=frame.rid)
         self._set_expiry(claims.expires)
-        self.outbox.send(frames.ok(frame.rid))
+        return frames.ok(frame.rid)
 
 
 def _close_awaitable(work: Awaitable[Any]) -> None:

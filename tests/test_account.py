@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import httpx
@@ -126,3 +127,32 @@ async def test_key_bundle_round_trip_and_no_clobbering(server, alice, bob):
         assert (await http.put("/v1/account/keys", json={"key_bundle": big})).status_code == 413
     async with httpx.AsyncClient(base_url=server.http, headers=bearer(bob)) as http:
         assert (await http.get("/v1/account/keys")).json() == {"key_bundle": None}
+
+
+async def test_old_access_tokens_stop_working_after_revocation_and_password_change(server):
+    name = unique("stale")
+    laptop = await register_login(server.http, name, device="laptop")
+    phone = await login(server.http, name, "correct horse battery", "phone")
+    tablet = await login(server.http, name, "correct horse battery", "tablet")
+    await asyncio.sleep(1.1)  # tokens from an earlier second than the changes below
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        assert (await http.get("/v1/account", headers=bearer(phone))).status_code == 200
+        r = await http.delete("/v1/devices/phone", headers=bearer(laptop))
+        assert r.status_code == 204
+        r = await http.get("/v1/account", headers=bearer(phone))
+        assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+        r = await http.patch(
+            "/v1/account",
+            headers=bearer(laptop),
+            json={"password": {"current": "correct horse battery", "new": "new password 2"}},
+        )
+        assert r.status_code == 200
+        r = await http.get("/v1/object", headers=bearer(tablet))  # signed out
+        assert r.status_code == 401 and "signed out" in r.json()["error"]["message"]
+        assert (await http.get("/v1/object", headers=bearer(laptop))).status_code == 200
+    with pytest.raises(websockets.ConnectionClosed) as refused:
+        await SyncClient.connect(server.ws, tablet["access"], device="tablet")
+    assert refused.value.rcvd is not None and refused.value.rcvd.code == 4401
+    fresh = await login(server.http, name, "new password 2", "tablet")
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        assert (await http.get("/v1/object", headers=bearer(fresh))).status_code == 200
