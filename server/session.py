@@ -55,6 +55,8 @@ from server.uploads import PartWriter, UploadRecord
 
 log = logging.getLogger(__name__)
 
+#: Complete parts one session stores at once (each may be held in memory by S3).
+STORING_PARTS = 2
 #: Seconds before the access token lapses at which ``expiring`` is sent.
 EXPIRY_WARNING = 60.0
 
@@ -98,11 +100,14 @@ class Session:
         self.outbox = Outbox(self._send_bytes, high_water=services.settings.outbox_frames)
         self.uploads: dict[str, UploadRecord] = {}
         self.writers: dict[tuple[str, int], PartWriter] = {}
-        self._ingest: asyncio.Queue[_IngestOp] = asyncio.Queue()
+        #: One lane per part being received: its writes in order, parts in parallel.
+        self._lanes: dict[PartWriter, asyncio.Queue[_IngestOp]] = {}
+        self._lane_tasks: set[asyncio.Task[None]] = set()
         self._requests: set[asyncio.Task[None]] = set()
         self._finishing: set[asyncio.Task[None]] = set()
         self._gets: set[asyncio.Task[None]] = set()
         self._settled = asyncio.Event()
+        self._storing = asyncio.Semaphore(STORING_PARTS)
         self._wanted = asyncio.Event()
         #: Resolved (with an exception) to end the session from outside: revocation.
         self._kill: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -136,7 +141,6 @@ class Session:
             await self._start(hello)
             background = [
                 asyncio.create_task(self.outbox.run(), name=f"outbox-{self.id}"),
-                asyncio.create_task(self._ingest_loop(), name=f"ingest-{self.id}"),
                 asyncio.create_task(self._feed_loop(hello.cursor), name=f"feed-{self.id}"),
             ]
             receiving = asyncio.create_task(self._receive_loop(), name=f"recv-{self.id}")
@@ -169,9 +173,11 @@ class Session:
         if code != CloseCode.NORMAL:
             await self.outbox.flush(1.0)  # let the last error frame out before the close
         self.outbox.close()
-        for task in [*background, *self._requests, *self._gets]:
+        for task in [*background, *self._requests, *self._gets, *self._lane_tasks]:
             task.cancel()
-        await asyncio.gather(*background, *self._requests, *self._gets, return_exceptions=True)
+        await asyncio.gather(
+            *background, *self._requests, *self._gets, *self._lane_tasks, return_exceptions=True
+        )
         # Parts already complete are finishing their way into staging: let them,
         # so a resumed upload does not have to send them again.
         if self._finishing:
@@ -474,9 +480,9 @@ class Session:
             writer = self.svc.uploads.writer(record, chunk.part)
             self.writers[key] = writer
         writer.accepted += size
-        self._ingest.put_nowait(_Write(writer, chunk.data))
+        self._enqueue(writer, _Write(writer, chunk.data))
         if writer.accepted == part_size:
-            self._ingest.put_nowait(_Finish(record, writer))
+            self._enqueue(writer, _Finish(record, writer))
         return None
 
     def _release(self, nbytes: int) -> None:
@@ -484,25 +490,45 @@ class Session:
         if grant is not None:
             self.outbox.send(grant)
 
-    async def _ingest_loop(self) -> None:
-        while True:
-            op = await self._ingest.get()
-            match op:
-                case _Write(writer, data):
-                    try:
-                        await asyncio.to_thread(writer.write_blocking, data)
-                    except (OSError, ValueError):
-                        log.exception("session %s: spool write failed", self.id)
-                        self._fail_part(writer, ErrorCode.UNAVAILABLE, "server disk error")
-                    self._release(len(data))
-                case _Discard(writer):
-                    await asyncio.to_thread(writer.discard_blocking)
-                case _Finish(record, writer):
-                    if writer.discarded:
-                        continue
-                    task = asyncio.create_task(self._finish(record, writer))
-                    self._finishing.add(task)
-                    task.add_done_callback(self._finishing.discard)
+    def _enqueue(self, writer: PartWriter, op: _IngestOp) -> None:
+        lane = self._lanes.get(writer)
+        if lane is None:
+            lane = self._lanes[writer] = asyncio.Queue()
+            task = asyncio.create_task(self._run_lane(writer, lane))
+            self._lane_tasks.add(task)
+            task.add_done_callback(self._lane_tasks.discard)
+        lane.put_nowait(op)
+
+    async def _run_lane(self, writer: PartWriter, lane: asyncio.Queue[_IngestOp]) -> None:
+        """Write one part's chunks in order, hashing in a worker thread, so parts
+        in flight are hashed in parallel; credit returns as each chunk is written."""
+        try:
+            while True:
+                op = await lane.get()
+                match op:
+                    case _Write(_, data):
+                        try:
+                            await asyncio.to_thread(writer.write_blocking, data)
+                        except (OSError, ValueError):
+                            log.exception("session %s: spool write failed", self.id)
+                            self._fail_part(writer, ErrorCode.UNAVAILABLE, "server disk error")
+                        self._release(len(data))
+                    case _Discard(_):
+                        await asyncio.to_thread(writer.discard_blocking)
+                        return
+                    case _Finish(record, _):
+                        if not writer.discarded:
+                            task = asyncio.create_task(self._finish(record, writer))
+                            self._finishing.add(task)
+                            task.add_done_callback(self._finishing.discard)
+                        return
+        finally:
+            self._lanes.pop(writer, None)
+            # Chunks still queued behind a discard or finish were spent credit too.
+            while not lane.empty():
+                op = lane.get_nowait()
+                if isinstance(op, _Write):
+                    self._release(len(op.data))
 
     def _drop_writer(self, writer: PartWriter) -> None:
         """Forget a part in progress and delete its spool file (in order with its writes)."""
@@ -510,7 +536,7 @@ class Session:
         key = (writer.upload, writer.index)
         if self.writers.get(key) is writer:
             del self.writers[key]
-        self._ingest.put_nowait(_Discard(writer))
+        self._enqueue(writer, _Discard(writer))
         self._settled.set()  # a commit waiting for this part must look again
 
     def _fail_part(self, writer: PartWriter, code: ErrorCode, msg: str) -> None:
@@ -520,7 +546,8 @@ class Session:
     async def _finish(self, record: UploadRecord, writer: PartWriter) -> None:
         key = (writer.upload, writer.index)
         try:
-            await self.svc.uploads.store_part(record, writer)
+            async with self._storing:  # bounds the parts (and S3 bodies) in memory at once
+                await self.svc.uploads.store_part(record, writer)
             self.outbox.send(frames.part_ok(writer.upload, writer.index))
         except RequestError as exc:
             self.outbox.send(frames.error_from(exc))

@@ -300,7 +300,10 @@ class Uploads:
                     part=writer.index,
                 )
             await self.store.put_file(
-                keys.staging_key(rec.user, rec.id, writer.index), writer.path, writer.size
+                keys.staging_key(rec.user, rec.id, writer.index),
+                writer.path,
+                writer.size,
+                move=True,
             )
         finally:
             await asyncio.to_thread(writer.discard_blocking)

@@ -500,3 +500,18 @@ def test_make_store(tmp_path: Path) -> None:
     assert local.root == tmp_path / "blobs"
     remote = make_store(Settings(data_dir=tmp_path, s3_endpoint="127.0.0.1:9"))
     assert isinstance(remote, S3Store)
+
+
+async def test_put_file_with_move_stores_the_bytes_and_checks_the_size(store, tmp_path):
+    data = os.urandom(70_000)
+    src = tmp_path / "spool.part"
+    src.write_bytes(data)
+    await store.put_file("staging/7/up/0", src, len(data), move=True)
+    assert b"".join([c async for c in store.read("staging/7/up/0")]) == data
+    if isinstance(store, LocalStore):
+        assert not src.exists()  # renamed into place, not copied
+    wrong = tmp_path / "wrong.part"
+    wrong.write_bytes(b"short")
+    with pytest.raises(StoreError):
+        await store.put_file("staging/7/up/1", wrong, 6, move=True)
+    assert await store.stat("staging/7/up/1") is None

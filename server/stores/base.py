@@ -39,10 +39,12 @@ class BlobStore(Protocol):
     async def ping(self) -> None:
         """Raise StoreError when the store is not reachable (used by /readyz)."""
 
-    async def put_file(self, key: str, path: Path, size: int) -> None:
+    async def put_file(self, key: str, path: Path, size: int, *, move: bool = False) -> None:
         """Store the file at ``path`` (exactly ``size`` bytes) under ``key``, durably.
 
-        The file is left in place; the caller removes it.
+        With ``move`` the store may take the file itself (a rename on the same
+        filesystem) instead of copying it; the caller then must not rely on it.
+        Otherwise the file is left in place and the caller removes it.
         """
 
     async def put_bytes(self, key: str, data: bytes) -> None: ...

@@ -122,6 +122,28 @@ def _write_atomic(dest: Path, fill: Callable[[BinaryIO], object]) -> None:
     _fsync_dir(dest.parent)
 
 
+def _link_atomic(src: Path, dest: Path) -> None:
+    """Hard-link ``src`` to ``dest`` via a temp name, with a fresh mtime, durably."""
+    for _ in range(_MKDIR_ATTEMPTS):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            os.link(src, tmp)
+        except FileNotFoundError:
+            if not src.exists():
+                raise
+            continue  # the directory was pruned between mkdir and link
+        try:
+            os.utime(tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(dest.parent)
+        return
+    raise StoreError(f"could not create a link in {dest.parent}")
+
+
 def _copy_stream(src: io.BufferedReader, out: BinaryIO) -> int:
     copied = 0
     buf = bytearray(_COPY_BUFFER)
@@ -164,7 +186,10 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"blob directory {self.root} is not writable: {exc}") from exc
 
-    async def put_file(self, key: str, path: Path, size: int) -> None:
+    async def put_file(self, key: str, path: Path, size: int, *, move: bool = False) -> None:
+        if move and await self._move_in(key, path, size):
+            return
+
         def fill(out: BinaryIO) -> None:
             with open(path, "rb") as src:
                 copied = _copy_stream(src, out)
@@ -191,18 +216,58 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"cannot store {key}: {exc}") from exc
 
+    async def _move_in(self, key: str, path: Path, size: int) -> bool:
+        """Rename ``path`` into place (after fsync): no second copy of the bytes.
+        False when it is on another filesystem, so the caller copies instead."""
+        dest = self._path(key)
+
+        def run() -> bool:
+            with open(path, "rb+") as fh:
+                if os.fstat(fh.fileno()).st_size != size:
+                    raise StoreError(f"{path} does not have {size} bytes")
+                os.fchmod(fh.fileno(), 0o600)
+                os.fsync(fh.fileno())
+            for _ in range(_MKDIR_ATTEMPTS):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(path, dest)
+                except FileNotFoundError:
+                    continue  # the directory was pruned between mkdir and rename
+                except OSError as exc:
+                    if exc.errno == errno.EXDEV:
+                        return False
+                    raise
+                _fsync_dir(dest.parent)
+                return True
+            raise StoreError(f"could not move {path} into {dest.parent}")
+
+        try:
+            return await asyncio.to_thread(run)
+        except OSError as exc:
+            raise StoreError(f"cannot store {key}: {exc}") from exc
+
     async def copy(self, src: str, dst: str) -> None:
-        """A real copy, not a hard link, so ``dst`` gets a fresh mtime like on S3
-        (the janitor judges orphans by age)."""
+        """A hard link (the bytes are immutable once stored), given a fresh mtime
+        like an S3 copy gets, because the janitor judges orphans by age. Falls back
+        to copying where links are not possible."""
         src_path, dst_path = self._path(src), self._path(dst)
 
         def run() -> None:
+            if not src_path.is_file():
+                raise BlobNotFound(src)
             try:
-                source = open(src_path, "rb")  # noqa: SIM115 - closed below
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                _link_atomic(src_path, dst_path)
+            except FileNotFoundError:
                 raise BlobNotFound(src) from None
-            with source:
-                _write_atomic(dst_path, lambda out: _copy_stream(source, out))
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                try:
+                    source = open(src_path, "rb")  # noqa: SIM115 - closed below
+                except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                    raise BlobNotFound(src) from None
+                with source:
+                    _write_atomic(dst_path, lambda out: _copy_stream(source, out))
 
         try:
             await asyncio.to_thread(run)

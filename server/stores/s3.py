@@ -136,7 +136,7 @@ class S3Store:
         except TimeoutError as exc:
             raise StoreError(f"S3 endpoint {self.endpoint} did not answer in time") from exc
 
-    async def put_file(self, key: str, path: Path, size: int) -> None:
+    async def put_file(self, key: str, path: Path, size: int, *, move: bool = False) -> None:
         bucket, name = self._locate(key)
         try:
             f = await asyncio.to_thread(open, path, "rb")
@@ -234,8 +234,16 @@ class S3Store:
             if ranged and resp.status != 206:
                 raise StoreError(f"{self.endpoint} ignored the byte range for {key}")
             with _translate(key):
+                # Whole pieces of chunk_size (the network hands out smaller ones):
+                # a download becomes few large frames rather than many small ones.
+                pending = bytearray()
                 async for chunk in resp.content.iter_chunked(chunk_size):
-                    yield chunk
+                    pending += chunk
+                    while len(pending) >= chunk_size:
+                        yield bytes(pending[:chunk_size])
+                        del pending[:chunk_size]
+                if pending:
+                    yield bytes(pending)
         finally:
             # release() reuses the connection when the body was drained, closes it if not.
             resp.release()

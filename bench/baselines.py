@@ -1,0 +1,207 @@
+"""Bare baselines for the throughput benchmarks, each in its own process.
+
+``python -m bench.baselines MODE --port P`` serves one of:
+
+* ``sink``: a bare ``websockets`` server that reads every message and drops it
+  (only the small ``done`` marker is decoded, and answered with ``ok``);
+* ``sink-decode``: the same, but every message is decoded with msgpack, as the
+  Tessera server must;
+* ``source``: a bare ``websockets`` server that answers ``get {rid, part}`` with
+  the part's bytes as msgpack ``data`` frames of ``--chunk`` bytes, exactly the
+  frames Tessera sends (``part`` is the index into the deterministic payload);
+* ``static``: a bare aiohttp static file server over ``--root``
+  (``web.FileResponse``, i.e. sendfile(2)).
+
+The payload is deterministic (seeded), so the bench process and a baseline
+process hold the very same bytes without sending them to each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import random
+import select
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from bench.common import free_port
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+#: The small message a client sends after its last chunk; the sink answers it
+#: once everything before it has been read, which stops the clock.
+DONE = msgpack.packb({"t": "done"})
+
+
+@dataclass
+class Payload:
+    """``parts`` parts of ``part_size`` random bytes; ``distinct`` blocks, reused in turn.
+
+    Random (incompressible) like ciphertext; generated once, with the sha256 of
+    each distinct block computed once.
+    """
+
+    part_size: int
+    parts: int
+    distinct: int = 16
+    seed: int = 20240601
+    blocks: list[bytes] = field(init=False, repr=False)
+    hashes: list[bytes] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        rng = random.Random(self.seed)
+        n = max(1, min(self.distinct, self.parts))
+        self.blocks = [rng.randbytes(self.part_size) for _ in range(n)]
+        self.hashes = [hashlib.sha256(b).digest() for b in self.blocks]
+
+    def block(self, index: int) -> bytes:
+        return self.blocks[index % len(self.blocks)]
+
+    def sha256(self, index: int) -> bytes:
+        return self.hashes[index % len(self.hashes)]
+
+    @property
+    def total(self) -> int:
+        return self.part_size * self.parts
+
+    def describe(self) -> str:
+        return f"{fmt_size(self.total)}, {self.parts} parts of {fmt_size(self.part_size)}"
+
+
+def fmt_size(n: int) -> str:
+    if n >= 1 << 30 and n % (1 << 30) == 0:
+        return f"{n >> 30} GiB"
+    if n >= MiB and n % MiB == 0:
+        return f"{n // MiB} MiB"
+    if n % KiB == 0:
+        return f"{n // KiB} KiB"
+    return f"{n} B"
+
+
+def mib_per_s(nbytes: int, seconds: float) -> float:
+    return nbytes / MiB / seconds if seconds > 0 else float("nan")
+
+
+# ------------------------------------------------------------ the servers
+
+
+async def _sink(decode: bool, port: int) -> None:
+    from websockets.asyncio.server import serve
+
+    async def handler(ws: object) -> None:
+        async for message in ws:  # type: ignore[attr-defined]
+            if decode:
+                frame = msgpack.unpackb(message)
+                if frame.get("t") == "done":
+                    await ws.send(b"ok")  # type: ignore[attr-defined]
+            elif len(message) == len(DONE) and message == DONE:
+                await ws.send(b"ok")  # type: ignore[attr-defined]
+
+    async with serve(handler, "127.0.0.1", port, max_size=None, compression=None):
+        print("ready", flush=True)
+        await asyncio.Future()
+
+
+async def _source(port: int, part_size: int, parts: int, distinct: int, chunk: int) -> None:
+    from websockets.asyncio.server import serve
+
+    payload = Payload(part_size, parts, distinct)
+
+    async def handler(ws: object) -> None:
+        async for message in ws:  # type: ignore[attr-defined]
+            frame = msgpack.unpackb(message)
+            if frame.get("t") != "get":
+                continue
+            rid, data = frame["rid"], payload.block(frame["part"])
+            for off in range(0, len(data), chunk):
+                piece = data[off : off + chunk]
+                out = {"t": "data", "rid": rid, "off": off, "data": piece}
+                if off + len(piece) == len(data):
+                    out["end"] = True
+                await ws.send(msgpack.packb(out, use_bin_type=True))  # type: ignore[attr-defined]
+
+    async with serve(handler, "127.0.0.1", port, max_size=None, compression=None):
+        print("ready", flush=True)
+        await asyncio.Future()
+
+
+async def _static(port: int, root: Path) -> None:
+    from aiohttp import web
+
+    async def get(request: web.Request) -> web.StreamResponse:
+        path = (root / request.match_info["key"]).resolve()
+        if root not in path.parents or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, chunk_size=MiB)
+
+    app = web.Application()
+    app.router.add_get("/{key:.+}", get)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print("ready", flush=True)
+    await asyncio.Future()
+
+
+@dataclass(frozen=True)
+class Baseline:
+    url: str  # ws://... or http://...
+    pid: int
+
+
+@contextlib.contextmanager
+def baseline_process(mode: str, *args: str) -> Iterator[Baseline]:
+    """Run ``python -m bench.baselines MODE`` on a free port until the block ends."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.baselines", mode, "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        readable, _, _ = select.select([proc.stdout], [], [], 30)
+        if not readable or proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"baseline {mode} did not start (exit {proc.poll()})")
+        scheme = "http" if mode == "static" else "ws"
+        yield Baseline(f"{scheme}://127.0.0.1:{port}", proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=["sink", "sink-decode", "source", "static"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--part-size", type=int, default=4 * MiB)
+    parser.add_argument("--parts", type=int, default=256)
+    parser.add_argument("--distinct", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=MiB)
+    parser.add_argument("--root", type=Path, default=Path("."))
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        if args.mode in ("sink", "sink-decode"):
+            asyncio.run(_sink(args.mode == "sink-decode", args.port))
+        elif args.mode == "source":
+            asyncio.run(_source(args.port, args.part_size, args.parts, args.distinct, args.chunk))
+        else:
+            asyncio.run(_static(args.port, args.root.resolve()))
+
+
+if __name__ == "__main__":
+    main()
