@@ -29,17 +29,17 @@ async def record_change(
     actor_seq = 0
     for user in users:
         seq = await conn.fetchval(
-            "UPDATE users SET change_seq = change_seq + 1 WHERE id = $1 RETURNING change_seq", user
-        )
-        await conn.execute(
-            """INSERT INTO access_list (user_id, object_id, role, status, seq)
-               VALUES ($1, $2, 'owner', $3, $4)
+            """WITH next AS (
+                   UPDATE users SET change_seq = change_seq + 1 WHERE id = $1
+                   RETURNING change_seq)
+               INSERT INTO access_list (user_id, object_id, role, status, seq)
+               SELECT $1, $2, 'owner', $3, change_seq FROM next
                ON CONFLICT (user_id, object_id)
-               DO UPDATE SET status = EXCLUDED.status, seq = EXCLUDED.seq, updated_at = now()""",
+               DO UPDATE SET status = EXCLUDED.status, seq = EXCLUDED.seq, updated_at = now()
+               RETURNING seq""",
             user,
             object_id,
             status,
-            seq,
         )
         if user == actor:
             actor_seq = seq

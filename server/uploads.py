@@ -176,13 +176,17 @@ class Uploads:
                     float(self.settings.upload_ttl),
                 )
                 if frame.parts:
-                    await conn.copy_records_to_table(
-                        "upload_parts",
-                        columns=["upload_id", "idx", "size", "sha256", "enc_key", "salt"],
-                        records=[
-                            (upload_id, i, p.size, p.sha256, p.key, p.salt)
-                            for i, p in enumerate(frame.parts)
-                        ],
+                    # One statement whatever the count (COPY costs several round trips).
+                    await conn.execute(
+                        """INSERT INTO upload_parts (upload_id, idx, size, sha256, enc_key, salt)
+                           SELECT $1, i - 1, size, sha, key, salt
+                           FROM unnest($2::int[], $3::bytea[], $4::bytea[], $5::bytea[])
+                                WITH ORDINALITY AS t(size, sha, key, salt, i)""",
+                        upload_id,
+                        [p.size for p in frame.parts],
+                        [p.sha256 for p in frame.parts],
+                        [p.key for p in frame.parts],
+                        [p.salt for p in frame.parts],
                     )
         return UploadRecord(
             id=upload_id,
@@ -307,18 +311,17 @@ class Uploads:
             )
         finally:
             await asyncio.to_thread(writer.discard_blocking)
-        flipped = await self.pool.fetchval(
-            """UPDATE upload_parts p SET received = true FROM uploads u
-               WHERE p.upload_id = $1 AND p.idx = $2 AND u.id = p.upload_id
-                 AND u.state = 'open' AND NOT p.received
-               RETURNING 1""",
+        await self.pool.execute(
+            """WITH flipped AS (
+                   UPDATE upload_parts p SET received = true FROM uploads u
+                   WHERE p.upload_id = $1 AND p.idx = $2 AND u.id = p.upload_id
+                     AND u.state = 'open' AND NOT p.received
+                   RETURNING 1)
+               UPDATE uploads SET received_parts = received_parts + (SELECT count(*) FROM flipped)
+               WHERE id = $1 AND EXISTS (SELECT 1 FROM flipped)""",
             rec.id,
             writer.index,
         )
-        if flipped:
-            await self.pool.execute(
-                "UPDATE uploads SET received_parts = received_parts + 1 WHERE id = $1", rec.id
-            )
         rec.received.add(writer.index)
 
     # ------------------------------------------------------------- commit
@@ -533,35 +536,23 @@ class Uploads:
                     device,
                 )
             if parts:
-                await conn.copy_records_to_table(
-                    "partitions",
-                    columns=[
-                        "id",
-                        "object_id",
-                        "rev",
-                        "idx",
-                        "store_key",
-                        "size",
-                        "sha256",
-                        "salt",
-                        "enc_key",
-                        "next",
-                    ],
-                    records=[
-                        (
-                            pid,
-                            obj,
-                            rev,
-                            p["idx"],
-                            key,
-                            p["size"],
-                            p["sha256"],
-                            p["salt"],
-                            p["enc_key"],
-                            ids[i + 1] if i + 1 < len(ids) else None,
-                        )
-                        for i, (p, pid, key) in enumerate(zip(parts, ids, copies, strict=True))
-                    ],
+                await conn.execute(
+                    """INSERT INTO partitions (id, object_id, rev, idx, store_key, size, sha256,
+                                              salt, enc_key, next)
+                       SELECT id, $1, $2, idx, key, size, sha, salt, enc_key, nxt
+                       FROM unnest($3::bigint[], $4::int[], $5::text[], $6::int[], $7::bytea[],
+                                   $8::bytea[], $9::bytea[], $10::bigint[])
+                            AS t(id, idx, key, size, sha, salt, enc_key, nxt)""",
+                    obj,
+                    rev,
+                    ids,
+                    [p["idx"] for p in parts],
+                    copies,
+                    [p["size"] for p in parts],
+                    [p["sha256"] for p in parts],
+                    [p["salt"] for p in parts],
+                    [p["enc_key"] for p in parts],
+                    [*ids[1:], None],
                 )
             seq = await record_change(conn, obj, user, "active", new=up["object_id"] is None)
             fits = await conn.fetchval(
