@@ -20,7 +20,7 @@ $(BIN)/python:
 
 # Reinstall when the project metadata changes. The top-level package __init__.py files
 # are listed too: the editable install only maps the packages that existed when it ran.
-$(STAMP): pyproject.toml $(wildcard protocol/__init__.py server/__init__.py) | $(BIN)/python
+$(STAMP): pyproject.toml $(wildcard protocol/__init__.py server/__init__.py client/__init__.py) | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
