@@ -657,3 +657,45 @@ def _as_bytes(value: Any) -> bytes:
     if isinstance(value, str):
         return value.encode()
     return str(value).encode()
+
+
+async def test_sync_command_runs_live_between_two_devices(server, tmp_path):
+    """`tessera sync DIR` on device B receives A's pushes live, and B's local edits
+    (picked up by the file watcher) reach A; SIGINT stops it cleanly."""
+    a = Device(server.http, tmp_path / "cfg-a", tmp_path / "work-a")
+    b = Device(server.http, tmp_path / "cfg-b", tmp_path / "work-b")
+    name = unique("syncer")
+    a.run("register", name)
+    b.run("login", name)
+    folder = b.cwd / "Synced"
+    proc = b.popen("sync", str(folder))
+    try:
+        await asyncio.sleep(1.0)  # let sync connect and start watching
+        write(a.cwd / "hello.txt", b"pushed by A")
+        a.run("push", "hello.txt")
+        await until_file(folder / "hello.txt", b"pushed by A")
+        write(folder / "notes" / "from-b.txt", b"written on B")
+        for _ in range(100):
+            if "notes/from-b.txt" in a.run("ls").stdout.splitlines():
+                break
+            await asyncio.sleep(0.2)
+        a.run("pull", "notes/from-b.txt", "-o", "got")
+        assert (a.cwd / "got" / "notes" / "from-b.txt").read_bytes() == b"written on B"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert "downloaded hello.txt" in out and "uploaded notes/from-b.txt" in out
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    return path.is_file() and path.read_bytes() == data
+
+
+async def until_file(path: Path, data: bytes, timeout: float = 20) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not _holds(path, data):
+        if loop.time() > deadline:
+            raise AssertionError(f"{path} did not arrive with the expected bytes")
+        await asyncio.sleep(0.1)
