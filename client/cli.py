@@ -420,6 +420,10 @@ def use_fast_kdf() -> None:
     crypto.KDF_MEMORY_KIB = FAST_KDF["memory_kib"]
     crypto.KDF_ITERATIONS = FAST_KDF["iterations"]
     crypto.KDF_LANES = FAST_KDF["lanes"]
+    # The login secret too: an account made in this mode logs in only in this mode.
+    crypto.LOGIN_KDF_MEMORY_KIB = FAST_KDF["memory_kib"]
+    crypto.LOGIN_KDF_ITERATIONS = FAST_KDF["iterations"]
+    crypto.LOGIN_KDF_LANES = FAST_KDF["lanes"]
 
 
 pass_app = click.make_pass_decorator(App)

@@ -38,10 +38,16 @@ NONCE_LEN = 12
 REVISION_SALT_LEN = 16
 BUNDLE_VERSION = 1
 
-# Argon2id defaults (RFC 9106's second recommended option, 64 MiB).
+# Argon2id defaults (RFC 9106's second recommended option, 64 MiB) for new bundles;
+# a bundle records its own parameters, so these may change between versions.
 KDF_ITERATIONS = 3
 KDF_LANES = 4
 KDF_MEMORY_KIB = 64 * 1024
+# The login secret's parameters are part of the protocol (a client must derive the
+# same secret as the one that registered): changing them would lock accounts out.
+LOGIN_KDF_ITERATIONS = 3
+LOGIN_KDF_LANES = 4
+LOGIN_KDF_MEMORY_KIB = 64 * 1024
 
 
 class IntegrityError(Exception):
@@ -110,7 +116,8 @@ def login_secret(username: str, password: str) -> str:
     random salt. The password itself never leaves the device.
     """
     salt = hashlib.sha256(b"tessera/login/v1\x00" + username.lower().encode()).digest()[:16]
-    return KdfParams.fresh(salt).derive(password).hex()
+    params = KdfParams(salt, LOGIN_KDF_ITERATIONS, LOGIN_KDF_LANES, LOGIN_KDF_MEMORY_KIB)
+    return params.derive(password).hex()
 
 
 def _bundle_aad(username: str) -> bytes:

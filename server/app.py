@@ -52,6 +52,7 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         url = await asyncio.to_thread(database_url, settings)
         pool = await create_pool(url)
+        lock_pool = await create_pool(url, min_size=1, max_size=settings.commit_concurrency)
         store = make_store(settings)
         janitor_task: asyncio.Task[None] | None = None
         hub = Hub(url)
@@ -69,7 +70,7 @@ def create_app(settings: Settings) -> Starlette:
                 pool=pool,
                 store=store,
                 auth=auth,
-                uploads=Uploads(settings, pool, store, spool),
+                uploads=Uploads(settings, pool, store, spool, lock_pool),
                 objects=Objects(pool, settings.garbage_delay),
                 hub=hub,
                 spool_dir=spool,
@@ -84,6 +85,7 @@ def create_app(settings: Settings) -> Starlette:
                 await asyncio.gather(janitor_task, return_exceptions=True)
             await hub.close()
             await store.close()
+            await lock_pool.close()
             await pool.close()
 
     routes = [*rest.routes(), WebSocketRoute("/v1/sync", sync_endpoint)]

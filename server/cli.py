@@ -63,7 +63,9 @@ def serve(settings: Settings) -> None:
             print(f"Tessera is listening on http://{host}:{port}", flush=True)
         await task
 
-    asyncio.run(announce_and_serve())
+    # uvicorn's loop choice (uvloop when installed); asyncio.run() would bypass it.
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(announce_and_serve())
     if not server.started:
         sys.exit(1)
 

@@ -121,6 +121,9 @@ class Settings:
         default=16 * 1024 * MiB,
         metadata=_h("bytes declared by a user's unfinished uploads (quota_exceeded beyond)"),
     )
+    commit_concurrency: int = field(
+        default=16, metadata=_h("commits and aborts running at once per node (lock connections)")
+    )
     idle_timeout: float = field(
         default=3600.0, metadata=_h("seconds without a frame from the client before closing")
     )

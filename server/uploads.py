@@ -108,10 +108,20 @@ class PartWriter:
 
 class Uploads:
     def __init__(
-        self, settings: Settings, pool: asyncpg.Pool, store: BlobStore, spool_dir: Path
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        store: BlobStore,
+        spool_dir: Path,
+        lock_pool: asyncpg.Pool | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
+        #: Connections that hold a commit's advisory lock. Separate from ``pool``, so
+        #: commits waiting for a lock connection hold nothing the others need:
+        #: taking the lock from ``pool`` deadlocked once every pooled connection
+        #: held a lock and waited for a second connection.
+        self.lock_pool = lock_pool or pool
         self.store = store
         self.spool_dir = spool_dir
         self._tasks: set[asyncio.Task[None]] = set()
@@ -218,11 +228,19 @@ class Uploads:
                 rid=frame.rid,
             )
         account = await conn.fetchrow(
-            """SELECT u.quota, u.used, coalesce((
-                   SELECT sum(p.size) FROM uploads p
-                   LEFT JOIN objects o ON o.id = p.object_id
-                   WHERE p.state = 'open' AND p.expires_at > now()
-                     AND coalesce(o.owner_id, p.user_id) = u.id), 0) AS reserved
+            # Reserved: the payer's own unfinished uploads of new objects or of its
+            # objects, plus others' unfinished uploads to its (shared) objects. Two
+            # indexed lookups rather than a scan of every upload row.
+            """SELECT u.quota, u.used,
+                      coalesce((SELECT sum(p.size) FROM uploads p
+                                LEFT JOIN objects o ON o.id = p.object_id
+                                WHERE p.user_id = u.id AND p.state = 'open'
+                                  AND p.expires_at > now()
+                                  AND (p.object_id IS NULL OR o.owner_id = u.id)), 0)
+                    + coalesce((SELECT sum(p.size) FROM objects o
+                                JOIN uploads p ON p.object_id = o.id AND p.state = 'open'
+                                WHERE o.owner_id = u.id AND p.user_id <> u.id
+                                  AND p.expires_at > now()), 0) AS reserved
                FROM users u WHERE u.id = $1""",
             payer,
         )
@@ -262,7 +280,7 @@ class Uploads:
         )
 
     async def abort(self, user: int, upload_id: str, rid: int | None = None) -> None:
-        async with self.pool.acquire() as conn:
+        async with self.lock_pool.acquire() as conn:
             # Serialised with commit: an abort never pulls staging from under one.
             await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", COMMIT_LOCK, upload_id)
             try:
@@ -335,7 +353,7 @@ class Uploads:
         # One commit of an upload at a time, on any node: a retried commit waits
         # for the first and then finds its result. A session-level advisory lock
         # is released by PostgreSQL itself if this process dies.
-        async with self.pool.acquire() as lock:
+        async with self.lock_pool.acquire() as lock:
             await lock.execute("SELECT pg_advisory_lock($1, hashtext($2))", COMMIT_LOCK, upload_id)
             stalled = False
             try:
@@ -393,9 +411,9 @@ class Uploads:
             # We refused inside the transaction, so it rolled back for certain.
             self._cleanup(copies)
             raise
-        except TimeoutError:
-            raise  # stalled: asking again would stall too; a retried commit will know
-        except BaseException:
+        except (TimeoutError, asyncio.CancelledError):
+            raise  # stalled, or the session is gone: a retried commit will know
+        except Exception:
             # The connection failed: COMMIT may have reached PostgreSQL. Deleting
             # the copies now could destroy committed data, so leave them to the
             # janitor (which deletes only what no row references) and find out.

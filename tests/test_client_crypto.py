@@ -112,6 +112,9 @@ def test_login_secret_is_not_the_password_and_cannot_open_the_bundle(monkeypatch
     monkeypatch.setattr(crypto, "KDF_MEMORY_KIB", 8 * 1024)
     monkeypatch.setattr(crypto, "KDF_ITERATIONS", 1)
     monkeypatch.setattr(crypto, "KDF_LANES", 1)
+    monkeypatch.setattr(crypto, "LOGIN_KDF_MEMORY_KIB", 8 * 1024)
+    monkeypatch.setattr(crypto, "LOGIN_KDF_ITERATIONS", 1)
+    monkeypatch.setattr(crypto, "LOGIN_KDF_LANES", 1)
     secret = crypto.login_secret("Alice", "secret pw")
     assert secret == crypto.login_secret("alice", "secret pw")  # usernames are case-blind
     assert secret != crypto.login_secret("bob", "secret pw")

@@ -31,6 +31,9 @@ def fast_kdf(monkeypatch):
     monkeypatch.setattr(crypto, "KDF_MEMORY_KIB", 8 * 1024)
     monkeypatch.setattr(crypto, "KDF_ITERATIONS", 1)
     monkeypatch.setattr(crypto, "KDF_LANES", 1)
+    monkeypatch.setattr(crypto, "LOGIN_KDF_MEMORY_KIB", 8 * 1024)
+    monkeypatch.setattr(crypto, "LOGIN_KDF_ITERATIONS", 1)
+    monkeypatch.setattr(crypto, "LOGIN_KDF_LANES", 1)
 
 
 async def test_two_devices_share_one_master_key_and_files(server, tmp_path):

@@ -23,6 +23,9 @@ def fast_kdf(monkeypatch):
     monkeypatch.setattr(crypto, "KDF_MEMORY_KIB", 8 * 1024)
     monkeypatch.setattr(crypto, "KDF_ITERATIONS", 1)
     monkeypatch.setattr(crypto, "KDF_LANES", 1)
+    monkeypatch.setattr(crypto, "LOGIN_KDF_MEMORY_KIB", 8 * 1024)
+    monkeypatch.setattr(crypto, "LOGIN_KDF_ITERATIONS", 1)
+    monkeypatch.setattr(crypto, "LOGIN_KDF_LANES", 1)
 
 
 

@@ -42,3 +42,22 @@ async def test_commit_right_after_last_chunk_waits_for_the_part(server, alice):
     done = await client.request({"t": "commit", "upload": ok["upload"]})  # no part_ok awaited
     assert done["t"] == "committed", done
     await client.close()
+
+
+async def test_many_concurrent_commits_finish(server, alice):
+    """More concurrent commits than pooled connections: each holds an advisory-lock
+    connection, which used to come from the same pool and starved the others."""
+    client = await SyncClient.connect(server.ws, alice["access"])
+    uploads = []
+    for _ in range(30):
+        data = os.urandom(1000)
+        ok = await client.start_upload([data])
+        await client.send_parts(ok["upload"], [data])
+        uploads.append(ok["upload"])
+    rids = [client.rid() for _ in uploads]
+    for rid, upload in zip(rids, uploads, strict=True):
+        await client.send({"t": "commit", "rid": rid, "upload": upload})
+    replies = [await client.wait_for(lambda f, r=rid: f.get("rid") == r, 30) for rid in rids]
+    assert [r["t"] for r in replies] == ["committed"] * 30
+    assert len({r["object"] for r in replies}) == 30
+    await client.close()

@@ -55,7 +55,8 @@ LIMITS: dict[str, Any] = {
 #: Seconds a commit may take to answer while the store or database is down.
 ANSWER_BOUND = 70.0
 #: Sent (as text, every time) inside a commit's transaction, just before its COMMIT.
-COPY_PARTITIONS = b'COPY "partitions"'
+#: The statement that writes a commit's partition rows (inside its transaction).
+COPY_PARTITIONS = b"INSERT INTO partitions"
 #: Writes per device in the randomized history (four devices, two users).
 OPS_PER_WORKER = int(os.environ.get("TESSERA_FAULT_OPS", "12"))
 
@@ -520,8 +521,9 @@ async def test_database_stall_mid_commit_is_answered_in_bounded_time(
     timeout = float(os.environ.get("TESSERA_FAULT_COMMAND_TIMEOUT", "3"))
     real_create_pool = asyncpg.create_pool
 
-    async def create_pool(url: str) -> asyncpg.Pool:  # server.db.create_pool, scaled
-        pool = await real_create_pool(url, min_size=2, max_size=20, command_timeout=timeout)
+    async def create_pool(url: str, **kw: int) -> asyncpg.Pool:  # server.db.create_pool, scaled
+        kw = {"min_size": 2, "max_size": 20, **kw}
+        pool = await real_create_pool(url, command_timeout=timeout, **kw)
         assert pool is not None
         return pool
 
