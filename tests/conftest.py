@@ -127,3 +127,14 @@ async def alice(server: RunningServer) -> dict[str, Any]:
 @pytest.fixture
 async def bob(server: RunningServer) -> dict[str, Any]:
     return await register_login(server.http, unique("bob"))
+
+
+@pytest.fixture
+def fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cheap Argon2id for client-side keys and login secrets (tests only)."""
+    from client import crypto
+
+    for name in ("KDF", "LOGIN_KDF"):
+        monkeypatch.setattr(crypto, f"{name}_MEMORY_KIB", 8 * 1024)
+        monkeypatch.setattr(crypto, f"{name}_ITERATIONS", 1)
+        monkeypatch.setattr(crypto, f"{name}_LANES", 1)

@@ -27,13 +27,8 @@ async def device(server, tmp_path: Path, name: str, username: str, *, new: bool)
 
 
 @pytest.fixture(autouse=True)
-def fast_kdf(monkeypatch):
-    monkeypatch.setattr(crypto, "KDF_MEMORY_KIB", 8 * 1024)
-    monkeypatch.setattr(crypto, "KDF_ITERATIONS", 1)
-    monkeypatch.setattr(crypto, "KDF_LANES", 1)
-    monkeypatch.setattr(crypto, "LOGIN_KDF_MEMORY_KIB", 8 * 1024)
-    monkeypatch.setattr(crypto, "LOGIN_KDF_ITERATIONS", 1)
-    monkeypatch.setattr(crypto, "LOGIN_KDF_LANES", 1)
+def _cheap_keys(fast_kdf: None) -> None:
+    """Every test here derives keys: keep Argon2id cheap."""
 
 
 async def test_two_devices_share_one_master_key_and_files(server, tmp_path):

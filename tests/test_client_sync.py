@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from client import crypto
 from client.sdk import Tessera
 from client.state import State
 from client.sync import run_sync, safe_name
@@ -19,14 +18,8 @@ PART = 64 * 1024
 
 
 @pytest.fixture(autouse=True)
-def fast_kdf(monkeypatch):
-    monkeypatch.setattr(crypto, "KDF_MEMORY_KIB", 8 * 1024)
-    monkeypatch.setattr(crypto, "KDF_ITERATIONS", 1)
-    monkeypatch.setattr(crypto, "KDF_LANES", 1)
-    monkeypatch.setattr(crypto, "LOGIN_KDF_MEMORY_KIB", 8 * 1024)
-    monkeypatch.setattr(crypto, "LOGIN_KDF_ITERATIONS", 1)
-    monkeypatch.setattr(crypto, "LOGIN_KDF_LANES", 1)
-
+def _cheap_keys(fast_kdf: None) -> None:
+    """Every test here derives keys: keep Argon2id cheap."""
 
 
 async def make_device(server, tmp_path: Path, name: str, username: str, *, new: bool) -> Tessera:

@@ -401,19 +401,26 @@ async def _abort_all(*clients: SyncClient) -> None:
 # ---------------------------------------------------------------- 3. two nodes
 
 
+async def start_nodes(
+    nodes: list[Node], tmp_path: Path, database_url: str, s3_config: Any, s3_buckets: Any
+) -> list[Node]:
+    """Two real server processes on one database and store; appended to ``nodes``
+    as they start, so the caller's ``finally`` stops whatever did."""
+    for i in (1, 2):
+        data_dir = tmp_path / f"node{i}"
+        data_dir.mkdir()
+        node = Node(
+            node_args(data_dir, database_url, s3_config, s3_buckets), tmp_path / f"node{i}.log"
+        )
+        nodes.append(node)
+        await asyncio.to_thread(node.start)
+    return nodes
+
+
 async def test_two_nodes_share_one_feed(tmp_path, database_url, s3_config, s3_buckets):
     nodes: list[Node] = []
     try:
-        for i in (1, 2):
-            data_dir = tmp_path / f"node{i}"
-            data_dir.mkdir()
-            node = Node(
-                node_args(data_dir, database_url, s3_config, s3_buckets),
-                tmp_path / f"node{i}.log",
-            )
-            nodes.append(node)
-            await asyncio.to_thread(node.start)
-        n1, n2 = nodes
+        n1, n2 = await start_nodes(nodes, tmp_path, database_url, s3_config, s3_buckets)
         user = await register_login(n1.http, unique("nodes"))
         a = await SyncClient.connect(n1.ws, user["access"], device="on-node-1")
         b = await SyncClient.connect(n2.ws, user["access"], device="on-node-2")
@@ -688,16 +695,7 @@ async def test_revocation_and_password_change_close_sessions_on_another_node(
     sessions on node 2 at once (4403 and 4401), and leave the others alone."""
     nodes: list[Node] = []
     try:
-        for i in (1, 2):
-            data_dir = tmp_path / f"node{i}"
-            data_dir.mkdir()
-            node = Node(
-                node_args(data_dir, database_url, s3_config, s3_buckets),
-                tmp_path / f"node{i}.log",
-            )
-            nodes.append(node)
-            await asyncio.to_thread(node.start)
-        n1, n2 = nodes
+        n1, n2 = await start_nodes(nodes, tmp_path, database_url, s3_config, s3_buckets)
         name = unique("revoke")
         user = await register_login(n1.http, name, device="admin")
         victim = await SyncClient.connect(n2.ws, user["access"], device="stolen-phone")
