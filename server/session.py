@@ -183,7 +183,7 @@ class Session:
         if self._finishing:
             await asyncio.wait(self._finishing, timeout=30)
         for writer in list(self.writers.values()):
-            if writer.accepted < writer.size:
+            if not writer.storing:  # incomplete, or complete but never handed on
                 await asyncio.to_thread(writer.discard_blocking)
         if self.ws.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
@@ -545,6 +545,7 @@ class Session:
 
     async def _finish(self, record: UploadRecord, writer: PartWriter) -> None:
         key = (writer.upload, writer.index)
+        writer.storing = True
         try:
             async with self._storing:  # bounds the parts (and S3 bodies) in memory at once
                 await self.svc.uploads.store_part(record, writer)

@@ -79,6 +79,8 @@ class PartWriter:
         #: Bytes accepted so far (advanced by the caller before the write runs).
         self.accepted = 0
         self.discarded = False
+        #: Handed to store_part, which owns the spool file from then on.
+        self.storing = False
         self._file: IO[bytes] | None = None
         self._hash = hashlib.sha256()
         self._written = 0
@@ -302,7 +304,8 @@ class Uploads:
                 await _unlock(conn, upload_id)
         if not deleted:
             raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid, upload=upload_id)
-        await self._delete_quietly([keys.staging_key(user, upload_id, r["idx"]) for r in received])
+        # Its own task: the data goes even if this request is cancelled now.
+        self._cleanup([keys.staging_key(user, upload_id, r["idx"]) for r in received])
 
     # -------------------------------------------------------------- parts
 
@@ -329,17 +332,24 @@ class Uploads:
             )
         finally:
             await asyncio.to_thread(writer.discard_blocking)
-        await self.pool.execute(
-            """WITH flipped AS (
-                   UPDATE upload_parts p SET received = true FROM uploads u
-                   WHERE p.upload_id = $1 AND p.idx = $2 AND u.id = p.upload_id
-                     AND u.state = 'open' AND NOT p.received
-                   RETURNING 1)
-               UPDATE uploads SET received_parts = received_parts + (SELECT count(*) FROM flipped)
-               WHERE id = $1 AND EXISTS (SELECT 1 FROM flipped)""",
+        still_open = await self.pool.fetchval(
+            """WITH open AS (SELECT id FROM uploads WHERE id = $1 AND state = 'open'),
+               flipped AS (
+                   UPDATE upload_parts p SET received = true FROM open
+                   WHERE p.upload_id = open.id AND p.idx = $2 AND NOT p.received
+                   RETURNING 1),
+               bump AS (
+                   UPDATE uploads SET received_parts = received_parts + 1
+                   WHERE id = $1 AND EXISTS (SELECT 1 FROM flipped) RETURNING 1)
+               SELECT EXISTS (SELECT 1 FROM open)""",
             rec.id,
             writer.index,
         )
+        if not still_open:  # committed or aborted meanwhile (e.g. on another session)
+            self._cleanup([keys.staging_key(rec.user, rec.id, writer.index)])
+            raise RequestError(
+                ErrorCode.NOT_FOUND, "the upload is closed", upload=rec.id, part=writer.index
+            )
         rec.received.add(writer.index)
 
     # ------------------------------------------------------------- commit
@@ -358,11 +368,11 @@ class Uploads:
             stalled = False
             try:
                 return await self._commit_locked(user, upload_id, device, fail)
-            except TimeoutError:
-                stalled = True
+            except (TimeoutError, asyncio.CancelledError):
+                stalled = True  # or cancelled: either way, don't wait on the database
                 raise
             finally:
-                if stalled:  # the database does not answer: don't wait on it again
+                if stalled:  # PostgreSQL releases the lock when the connection ends
                     with contextlib.suppress(Exception):
                         lock.terminate()
                 else:
@@ -618,9 +628,11 @@ async def _unlock(conn: asyncpg.Connection, upload_id: str) -> None:
         await conn.execute(
             "SELECT pg_advisory_unlock($1, hashtext($2))", COMMIT_LOCK, upload_id, timeout=5
         )
-    except Exception:
+    except BaseException as exc:  # failed or cancelled: never pool a connection holding it
         with contextlib.suppress(Exception):  # already closed and released: fine
             conn.terminate()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
 
 
 @contextlib.asynccontextmanager
