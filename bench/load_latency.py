@@ -314,11 +314,10 @@ def run(smoke: bool = False) -> list[Result]:
             st = p["stall"]
             note = (
                 f"**commits stopped being answered: {st['answered']:,} of {st['issued']:,} "
-                f"answered; {st['commit_locks']} advisory commit locks held by pooled "
-                "connections (the pool has 20), "
+                f"answered within the window; {st['commit_locks']} advisory commit locks held, "
                 + ", ".join(f"{k} {v}" for k, v in st.items() if k.startswith("backends"))
-                + "** — each commit holds one pooled connection for its lock and waits for a "
-                "second (server/uploads.py Uploads.commit); closing the committer freed it; " + note
+                + "** — the commits queue behind the fan-out reads (every session of the user "
+                "re-reads the feed per change); " + note
             )
         if r["closed"] and not capped:
             note += f"; {r['closed']} receiving sessions were closed"

@@ -196,10 +196,10 @@ def run(smoke: bool = False) -> list[Result]:
         note = (
             f"**the server stopped committing {stall['after_s']:.1f} s into the window, "
             f"after {stall['commits']} commits**: {stall['commit_locks']} advisory commit locks "
-            "held by pooled connections (the pool has 20), "
+            "held, "
             + ", ".join(f"{k} {v}" for k, v in stall.items() if k.startswith("backends"))
-            + " — each commit holds one pooled connection for its lock and waits for a "
-            "second (server/uploads.py Uploads.commit); " + note
+            + "; "
+            + note
         )
     out = [
         Result(
