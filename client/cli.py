@@ -47,6 +47,9 @@ log = logging.getLogger("tessera")
 
 T = TypeVar("T")
 
+#: The shortest new password the client accepts.
+MIN_PASSWORD = 8
+
 #: Test-only Argon2id parameters (TESSERA_KDF_FAST=1).
 FAST_KDF = {"iterations": 1, "lanes": 1, "memory_kib": 8 * 1024}
 
@@ -278,6 +281,9 @@ def ask_password(
         password = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
     if not password:
         raise Fail("the password is empty")
+    if confirm and len(password) < MIN_PASSWORD:
+        # The server only sees a derived secret, so the client is where strength is checked.
+        raise Fail(f"a new password needs at least {MIN_PASSWORD} characters")
     return password
 
 

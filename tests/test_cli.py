@@ -699,3 +699,10 @@ async def until_file(path: Path, data: bytes, timeout: float = 20) -> None:
         if loop.time() > deadline:
             raise AssertionError(f"{path} did not arrive with the expected bytes")
         await asyncio.sleep(0.1)
+
+
+def test_a_short_new_password_is_refused_by_the_client(server, tmp_path):
+    """The server sees only the derived login secret, so the client checks strength."""
+    d = Device(server.http, tmp_path / "cfg", tmp_path / "work", password="short")
+    line = failure(d.run("register", unique("weak"), ok=False))
+    assert "at least 8 characters" in line
