@@ -407,11 +407,11 @@ class StagingRecorder:
         store = server.services.store
         original = store.put_file
 
-        async def put_file(key: str, path: Path, size: int) -> None:
+        async def put_file(key: str, path: Path, size: int, **kw: Any) -> None:
             self.puts.append(key)
             if key.startswith("staging/") and self.delay:
                 await asyncio.sleep(self.delay)
-            await original(key, path, size)
+            await original(key, path, size, **kw)
 
         store.put_file = put_file
 

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import itertools
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,9 +47,25 @@ class SyncClient:
 
     @classmethod
     async def connect(
-        cls, url: str, token: str, device: str = "device-a", cursor: int = 0, *, synced: bool = True
+        cls,
+        url: str,
+        token: str,
+        device: str = "device-a",
+        cursor: int = 0,
+        *,
+        synced: bool = True,
+        small_buffers: bool = False,
     ) -> SyncClient:
-        ws = await websockets.connect(url, max_size=None, compression=None)
+        sock = None
+        if small_buffers:
+            # A small receive window keeps the kernel from holding many frames in
+            # flight, so what the client sees reflects the server's own ordering.
+            host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        ws = await websockets.connect(url, max_size=None, compression=None, sock=sock)
         client = cls(ws)
         await client.send(
             {"t": "hello", "v": 1, "token": token, "device": device, "cursor": cursor}
