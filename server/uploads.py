@@ -304,8 +304,11 @@ class Uploads:
                 await _unlock(conn, upload_id)
         if not deleted:
             raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid, upload=upload_id)
-        # Its own task: the data goes even if this request is cancelled now.
-        self._cleanup([keys.staging_key(user, upload_id, r["idx"]) for r in received])
+        # Deleted before the reply, in a task of its own: shielded, the deletion
+        # still completes if this request is cancelled (the client went away).
+        task = self._cleanup([keys.staging_key(user, upload_id, r["idx"]) for r in received])
+        if task is not None:
+            await asyncio.shield(task)
 
     # -------------------------------------------------------------- parts
 
@@ -603,13 +606,15 @@ class Uploads:
             await conn.execute("DELETE FROM upload_parts WHERE upload_id = $1", up["id"])
         return CommitResult(obj, rev, seq), True
 
-    def _cleanup(self, store_keys: list[str]) -> None:
+    def _cleanup(self, store_keys: list[str]) -> asyncio.Task[None] | None:
         """Delete in the background: a reply must not wait on a store that stalls.
         Whatever this does not delete, the janitor does."""
-        if store_keys:
-            task = asyncio.create_task(self._delete_quietly(store_keys))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if not store_keys:
+            return None
+        task = asyncio.create_task(self._delete_quietly(store_keys))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _delete_quietly(self, store_keys: list[str]) -> None:
         """Best effort: whatever is left behind, the janitor removes later."""
