@@ -335,18 +335,23 @@ class Uploads:
             )
         finally:
             await asyncio.to_thread(writer.discard_blocking)
-        still_open = await self.pool.fetchval(
-            """WITH open AS (SELECT id FROM uploads WHERE id = $1 AND state = 'open'),
-               flipped AS (
-                   UPDATE upload_parts p SET received = true FROM open
-                   WHERE p.upload_id = open.id AND p.idx = $2 AND NOT p.received
-                   RETURNING 1),
-               bump AS (
-                   UPDATE uploads SET received_parts = received_parts + 1
-                   WHERE id = $1 AND EXISTS (SELECT 1 FROM flipped) RETURNING 1)
-               SELECT EXISTS (SELECT 1 FROM open)""",
+        # Separate statements, each committed on its own: one statement locking the
+        # part row and then the upload row deadlocked against abort, whose cascade
+        # locks them the other way round.
+        flipped = await self.pool.fetchval(
+            """UPDATE upload_parts p SET received = true FROM uploads u
+               WHERE p.upload_id = $1 AND p.idx = $2 AND u.id = p.upload_id
+                 AND u.state = 'open' AND NOT p.received
+               RETURNING 1""",
             rec.id,
             writer.index,
+        )
+        if flipped:
+            await self.pool.execute(
+                "UPDATE uploads SET received_parts = received_parts + 1 WHERE id = $1", rec.id
+            )
+        still_open = flipped or await self.pool.fetchval(
+            "SELECT 1 FROM uploads WHERE id = $1 AND state = 'open'", rec.id
         )
         if not still_open:  # committed or aborted meanwhile (e.g. on another session)
             self._cleanup([keys.staging_key(rec.user, rec.id, writer.index)])
