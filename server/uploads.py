@@ -16,10 +16,10 @@ import hashlib
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import asyncpg
 
@@ -127,6 +127,14 @@ class Uploads:
         self.store = store
         self.spool_dir = spool_dir
         self._tasks: set[asyncio.Task[None]] = set()
+
+    async def close(self, grace: float = 2.0) -> None:
+        """Give background clean-ups a moment, then stop them (the janitor finishes)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def writer(self, rec: UploadRecord, index: int) -> PartWriter:
         return PartWriter(self.spool_dir, rec.id, index, rec.sizes[index], rec.hashes[index])
@@ -284,7 +292,7 @@ class Uploads:
     async def abort(self, user: int, upload_id: str, rid: int | None = None) -> None:
         async with self.lock_pool.acquire() as conn:
             # Serialised with commit: an abort never pulls staging from under one.
-            await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", COMMIT_LOCK, upload_id)
+            await _lock(conn, upload_id)
             try:
                 async with conn.transaction():
                     received = await conn.fetch(
@@ -300,14 +308,18 @@ class Uploads:
                         upload_id,
                         user,
                     )
+                # Started at once, in a task of its own: the deletion happens even if
+                # this request is cancelled from here on (the client went away).
+                task = self._cleanup(
+                    [keys.staging_key(user, upload_id, r["idx"]) for r in received]
+                    if deleted
+                    else []
+                )
             finally:
                 await _unlock(conn, upload_id)
         if not deleted:
             raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid, upload=upload_id)
-        # Deleted before the reply, in a task of its own: shielded, the deletion
-        # still completes if this request is cancelled (the client went away).
-        task = self._cleanup([keys.staging_key(user, upload_id, r["idx"]) for r in received])
-        if task is not None:
+        if task is not None:  # deleted before the reply
             await asyncio.shield(task)
 
     # -------------------------------------------------------------- parts
@@ -372,12 +384,14 @@ class Uploads:
         # for the first and then finds its result. A session-level advisory lock
         # is released by PostgreSQL itself if this process dies.
         async with self.lock_pool.acquire() as lock:
-            await lock.execute("SELECT pg_advisory_lock($1, hashtext($2))", COMMIT_LOCK, upload_id)
+            await _lock(lock, upload_id)
             stalled = False
             try:
                 return await self._commit_locked(user, upload_id, device, fail)
             except (TimeoutError, asyncio.CancelledError):
                 stalled = True  # or cancelled: either way, don't wait on the database
+                # It may have committed all the same: then its staged parts go.
+                self._spawn(self._settle(user, upload_id))
                 raise
             finally:
                 if stalled:  # PostgreSQL releases the lock when the connection ends
@@ -397,6 +411,8 @@ class Uploads:
         if up is None:
             raise fail(ErrorCode.NOT_FOUND, "no such upload")
         if up["state"] == "committed":
+            # A retry: the first commit's clean-up may have been cut off.
+            self._cleanup(_staging_keys(up))
             return CommitResult(up["result_object"], up["result_rev"], up["result_seq"])
         if up["expired"]:
             raise fail(ErrorCode.NOT_FOUND, "upload expired")
@@ -616,10 +632,31 @@ class Uploads:
         Whatever this does not delete, the janitor does."""
         if not store_keys:
             return None
-        task = asyncio.create_task(self._delete_quietly(store_keys))
+        return self._spawn(self._delete_quietly(store_keys))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def _settle(self, user: int, upload_id: str) -> None:
+        """After a commit was cut off or stalled: if it committed after all, delete
+        its staged parts (its partition copies are in use). If it did not, or we
+        cannot tell, leave everything: a retry or the janitor decides."""
+        await asyncio.sleep(0.5)  # a COMMIT already sent lands meanwhile
+        try:
+            async with asyncio.timeout(10):
+                up = await self.pool.fetchrow(
+                    "SELECT id, user_id, state, declared_parts FROM uploads "
+                    "WHERE id = $1 AND user_id = $2",
+                    upload_id,
+                    user,
+                )
+        except Exception:
+            return
+        if up is not None and up["state"] == "committed":
+            await self._delete_quietly(_staging_keys(up))
 
     async def _delete_quietly(self, store_keys: list[str]) -> None:
         """Best effort: whatever is left behind, the janitor removes later."""
@@ -629,6 +666,22 @@ class Uploads:
             await self.store.delete_many(store_keys)
         except Exception:
             log.warning("could not delete %d store objects; the janitor will", len(store_keys))
+
+
+def _staging_keys(up: asyncpg.Record) -> list[str]:
+    return [keys.staging_key(up["user_id"], up["id"], i) for i in range(up["declared_parts"])]
+
+
+async def _lock(conn: asyncpg.Connection, upload_id: str) -> None:
+    """Take the commit lock. If this is cancelled or fails, the lock may be granted
+    anyway after we stop waiting, so end the connection (which releases it) rather
+    than return it to the pool holding a lock nobody will release."""
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", COMMIT_LOCK, upload_id)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        raise
 
 
 async def _unlock(conn: asyncpg.Connection, upload_id: str) -> None:

@@ -54,8 +54,8 @@ LIMITS: dict[str, Any] = {
 }
 #: Seconds a commit may take to answer while the store or database is down.
 ANSWER_BOUND = 70.0
-#: Sent (as text, every time) inside a commit's transaction, just before its COMMIT.
-#: The statement that writes a commit's partition rows (inside its transaction).
+#: The statement that writes a commit's partition rows (inside its transaction); as
+#: text on the wire only the first time a connection runs it (then it is prepared).
 COPY_PARTITIONS = b"INSERT INTO partitions"
 #: Writes per device in the randomized history (four devices, two users).
 OPS_PER_WORKER = int(os.environ.get("TESSERA_FAULT_OPS", "12"))
@@ -604,7 +604,10 @@ async def test_sigkill_between_copy_and_commit(rig: Rig, tmp_path: Path, moment:
             # transaction cannot.
             rig.s3.watch(b"x-amz-copy-source", lambda: rig.pg.stall())
         else:  # hold the COMMIT itself, undelivered
-            commit = rig.pg.watch(b"COMMIT;", "stall", after=COPY_PARTITIONS)
+            # Not ``after=COPY_PARTITIONS``: the commit above may have prepared that
+            # statement on the very connection this one gets, which then sends only
+            # its name. BEGIN is always text, and nothing else opens a transaction now.
+            commit = rig.pg.watch(b"COMMIT;", "stall", after=b"BEGIN;")
         await client.send({"t": "commit", "rid": 999, "upload": upload})
         deadline = time.monotonic() + 30
         while len(await rig.keys(f"partitions/{uid}/")) < len(held) + len(parts) or (

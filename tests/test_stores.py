@@ -515,3 +515,49 @@ async def test_put_file_with_move_stores_the_bytes_and_checks_the_size(store, tm
     with pytest.raises(StoreError):
         await store.put_file("staging/7/up/1", wrong, 6, move=True)
     assert await store.stat("staging/7/up/1") is None
+
+
+@pytest.mark.parametrize("how", ["move", "copy", "link", "bytes"])
+async def test_local_put_meets_a_prune_of_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Regression (fuzz seed 777): a part was answered ``unavailable`` ("File exists")
+    while the deletion of its upload's other parts pruned their directory.
+
+    ``Path.mkdir(parents=True, exist_ok=True)`` is not atomic: it gets EEXIST from
+    ``os.mkdir`` and then checks ``is_dir()``; a prune in between makes it raise
+    FileExistsError. The store must make the directory again, for every way in
+    (a spool file moved in, a file copied, a partition linked at commit, bytes).
+    The deletion is put exactly in that window."""
+    store = LocalStore(tmp_path / "blobs")
+    await store.start()
+    area = "partitions" if how == "link" else "staging"
+    directory = store.root / area / "1" / "u"
+    await store.put_bytes(f"{area}/1/u/0", b"part 0")
+    await store.put_bytes("staging/9/src/0", b"part 1")
+    spool = tmp_path / "part"
+    spool.write_bytes(b"part 1")
+    is_dir = Path.is_dir
+    pruned: list[Path] = []
+
+    def is_dir_after_a_prune(path: Path) -> bool:
+        if path == directory and not pruned:  # the concurrent deletion of part 0
+            (directory / "0").unlink()
+            directory.rmdir()
+            pruned.append(path)
+        return is_dir(path)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir_after_a_prune)
+    key = f"{area}/1/u/1"
+    if how == "move":
+        await store.put_file(key, spool, 6, move=True)
+    elif how == "copy":
+        await store.put_file(key, spool, 6)
+    elif how == "link":
+        await store.copy("staging/9/src/0", key)
+    else:
+        await store.put_bytes(key, b"part 1")
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    assert pruned, "the interleaving did not happen"
+    assert b"".join([piece async for piece in store.read(key)]) == b"part 1"
+    assert await store.stat(f"{area}/1/u/0") is None

@@ -94,10 +94,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dir(path: Path) -> bool:
+    """``mkdir -p``; False when a concurrent prune removed the directory mid-way
+    (``mkdir`` then sees EEXIST for a path that is no longer a directory)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return False
+    return True
+
+
 def _open_temp(dest: Path) -> tuple[Path, int]:
     """Create a unique temp file beside ``dest``, making its directory as needed."""
     for _ in range(_MKDIR_ATTEMPTS):
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not _make_dir(dest.parent):
+            continue
         tmp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -125,7 +136,8 @@ def _write_atomic(dest: Path, fill: Callable[[BinaryIO], object]) -> None:
 def _link_atomic(src: Path, dest: Path) -> None:
     """Hard-link ``src`` to ``dest`` via a temp name, with a fresh mtime, durably."""
     for _ in range(_MKDIR_ATTEMPTS):
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not _make_dir(dest.parent):
+            continue
         tmp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp"
         try:
             os.link(src, tmp)
@@ -228,7 +240,8 @@ class LocalStore:
                 os.fchmod(fh.fileno(), 0o600)
                 os.fsync(fh.fileno())
             for _ in range(_MKDIR_ATTEMPTS):
-                dest.parent.mkdir(parents=True, exist_ok=True)
+                if not _make_dir(dest.parent):
+                    continue
                 try:
                     os.replace(path, dest)
                 except FileNotFoundError:
