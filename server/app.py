@@ -15,6 +15,7 @@ from starlette.routing import WebSocketRoute
 
 from server import rest
 from server.auth import Auth
+from server.changes import FeedReader
 from server.db import create_pool
 from server.embedded import start_embedded_postgres
 from server.hub import Hub
@@ -56,6 +57,7 @@ def create_app(settings: Settings) -> Starlette:
         store = make_store(settings)
         janitor_task: asyncio.Task[None] | None = None
         hub = Hub(url)
+        services: Services | None = None
         try:
             if settings.migrate:
                 async with pool.acquire() as conn:
@@ -65,7 +67,7 @@ def create_app(settings: Settings) -> Starlette:
             await asyncio.to_thread(clear_spool, spool)
             auth = await asyncio.to_thread(Auth, settings, pool, jwt_secret(settings))
             await hub.start()
-            app.state.services = Services(
+            services = app.state.services = Services(
                 settings=settings,
                 pool=pool,
                 store=store,
@@ -73,6 +75,7 @@ def create_app(settings: Settings) -> Starlette:
                 uploads=Uploads(settings, pool, store, spool, lock_pool),
                 objects=Objects(pool, settings.garbage_delay),
                 hub=hub,
+                feed=FeedReader(pool),
                 spool_dir=spool,
             )
             janitor = Janitor(settings, pool, store)
@@ -84,6 +87,8 @@ def create_app(settings: Settings) -> Starlette:
                 janitor_task.cancel()
                 await asyncio.gather(janitor_task, return_exceptions=True)
             await hub.close()
+            if services is not None:
+                await services.uploads.close()
             await store.close()
             await lock_pool.close()
             await pool.close()

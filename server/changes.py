@@ -7,33 +7,111 @@ each changed object once, in its latest state.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
 
-from server.objects import with_parts
+from protocol.codec import encode
 
 BATCH = 500
+
+# One statement, so the parts come from the same snapshot as the object row (two
+# statements could pair rev N's row with rev N+1's parts).
+_READ = """
+SELECT o.id, o.kind, o.rev, st.status, o.size, o.enc_name, o.enc_mtime, o.enc_key, o.salt,
+       o.origin, a.seq, p.ids, p.sizes, p.hashes, p.keys, p.salts
+FROM access_list a
+JOIN objects o ON o.id = a.object_id
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN o.status = 'deleted' OR a.status = 'deleted'
+                THEN 'deleted' ELSE 'active' END AS status) st
+LEFT JOIN LATERAL (
+    SELECT array_agg(p.id ORDER BY p.idx) AS ids, array_agg(p.size ORDER BY p.idx) AS sizes,
+           array_agg(p.sha256 ORDER BY p.idx) AS hashes,
+           array_agg(p.enc_key ORDER BY p.idx) AS keys, array_agg(p.salt ORDER BY p.idx) AS salts
+    FROM partitions p
+    WHERE p.object_id = o.id AND p.rev = o.rev AND st.status = 'active') p ON true
+WHERE a.user_id = $1 AND a.seq > $2
+ORDER BY a.seq
+LIMIT $3"""
+
+
+def _change(row: asyncpg.Record) -> dict[str, Any]:
+    ids = row["ids"] or []
+    return {
+        "object": row["id"],
+        "kind": row["kind"],
+        "status": row["status"],
+        "rev": row["rev"],
+        "size": row["size"],
+        "seq": row["seq"],
+        "origin": row["origin"],
+        "meta": {
+            "name": bytes(row["enc_name"]),
+            "mtime": bytes(row["enc_mtime"]),
+            "key": bytes(row["enc_key"]),
+            "salt": bytes(row["salt"]),
+        },
+        "parts": [
+            {"id": pid, "size": size, "sha256": bytes(sha), "key": bytes(key), "salt": bytes(salt)}
+            for pid, size, sha, key, salt in zip(
+                ids, row["sizes"], row["hashes"], row["keys"], row["salts"], strict=True
+            )
+        ]
+        if ids
+        else [],
+    }
 
 
 async def read_changes(
     conn: asyncpg.Connection | asyncpg.Pool, user: int, after: int, limit: int = BATCH
 ) -> list[dict[str, Any]]:
     """Up to ``limit`` change maps (without ``t``) with ``seq > after``, ascending."""
-    rows = await conn.fetch(
-        """SELECT o.id, o.kind, o.rev, o.size, o.enc_name, o.enc_mtime, o.enc_key, o.salt,
-                  o.head_partition, o.origin, o.updated_at, a.seq, a.role,
-                  CASE WHEN o.status = 'deleted' OR a.status = 'deleted'
-                       THEN 'deleted' ELSE 'active' END AS status
-           FROM access_list a JOIN objects o ON o.id = a.object_id
-           WHERE a.user_id = $1 AND a.seq > $2
-           ORDER BY a.seq LIMIT $3""",
-        user,
-        after,
-        limit,
-    )
-    return await with_parts(conn, rows) if rows else []
+    return [_change(row) for row in await conn.fetch(_READ, user, after, limit)]
 
 
 def change_frame(change: dict[str, Any]) -> dict[str, Any]:
     return {"t": "change", **change}
+
+
+#: A change as it goes out: its seq, and its ``change`` frame already encoded.
+EncodedChange = tuple[int, bytes]
+
+
+class FeedReader:
+    """One read per (user, cursor), shared by every session waiting for those rows.
+
+    A commit pokes every session of its user at once, and the ones that are caught
+    up all want the rows after the same cursor: the first starts the read, the
+    others join it, and each frame is encoded once. A read that began before a
+    change committed does not contain it, so a caller that was told of a change
+    and did not get it asks for a ``fresh`` read (see ``Session._feed_loop``).
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._flights: dict[tuple[int, int], asyncio.Task[list[EncodedChange]]] = {}
+        #: Reads that went to the database (visible to tests and benchmarks).
+        self.reads = 0
+
+    async def read(self, user: int, after: int, *, fresh: bool) -> list[EncodedChange]:
+        key = (user, after)
+        flight = None if fresh else self._flights.get(key)
+        if flight is None:
+            flight = asyncio.create_task(self._read(user, after))
+            self._flights[key] = flight
+            flight.add_done_callback(lambda done: self._landed(key, done))
+        # Shielded: one reader going away must not cancel the read for the others.
+        return await asyncio.shield(flight)
+
+    def _landed(self, key: tuple[int, int], flight: asyncio.Task[list[EncodedChange]]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if not flight.cancelled():
+            flight.exception()  # retrieved here too: every reader may have gone
+
+    async def _read(self, user: int, after: int) -> list[EncodedChange]:
+        self.reads += 1
+        rows = await self._pool.fetch(_READ, user, after, BATCH)
+        return [(row["seq"], encode(change_frame(_change(row)))) for row in rows]

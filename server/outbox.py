@@ -81,9 +81,13 @@ class Outbox:
 
     def send(self, frame: dict[str, Any]) -> None:
         """Queue a control frame; silently dropped once the session is closed."""
+        self.send_encoded(encode(frame))
+
+    def send_encoded(self, message: bytes) -> None:
+        """``send`` for a frame encoded once and shared (a change to many sessions)."""
         if self._closed:
             return
-        self._control.append(encode(frame))
+        self._control.append(message)
         if len(self._control) >= self._high_water:
             self._room.clear()
         self._wake.set()

@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncpg
 
 from server.auth import Auth
+from server.changes import FeedReader
 from server.hub import Hub
 from server.objects import Objects
 from server.settings import Settings
@@ -24,4 +25,5 @@ class Services:
     uploads: Uploads
     objects: Objects
     hub: Hub
+    feed: FeedReader
     spool_dir: Path

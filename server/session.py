@@ -46,7 +46,6 @@ from protocol.frames import (
 from protocol.ratelimit import TokenBucket
 from server.auth import AuthError
 from server.changes import BATCH as FEED_BATCH
-from server.changes import change_frame, read_changes
 from server.db import TRANSIENT_DB_ERRORS
 from server.outbox import Outbox, OutboxClosed
 from server.services import Services
@@ -120,6 +119,9 @@ class Session:
         self._ack_task: asyncio.Task[None] | None = None
         #: The highest seq sent to this device on this session.
         self.last_sent = 0
+        #: The highest seq the hub announced; ``_stale``: it announced an unknown one.
+        self._announced = 0
+        self._stale = False
         self._expires = 0.0
         self._expiry_task: asyncio.Task[None] | None = None
 
@@ -145,11 +147,9 @@ class Session:
             ]
             receiving = asyncio.create_task(self._receive_loop(), name=f"recv-{self.id}")
             background.append(asyncio.ensure_future(self._kill))
-            done, _ = await asyncio.wait(
-                [receiving, *background], return_when=asyncio.FIRST_COMPLETED
-            )
-            if receiving not in done:
-                receiving.cancel()
+            # In ``background`` too, so shutdown collects its outcome whatever ends first.
+            background.append(receiving)
+            done, _ = await asyncio.wait(background, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # re-raise what ended the session
         except ProtocolViolation as exc:
@@ -297,38 +297,57 @@ class Session:
 
     def poke(self, seq: int | None) -> None:
         """Called by the hub: changes up to ``seq`` (or unknown) may be waiting."""
-        if seq is None or seq > self.last_sent:
+        if seq is None:
+            self._stale = True
+            self._wanted.set()
+        elif seq > self.last_sent:
+            self._announced = max(self._announced, seq)
             self._wanted.set()
 
     async def _feed_loop(self, cursor: int) -> None:
         """Send every change after ``cursor``, then ``synced``, then each new one.
 
-        One task per session reads the rows (notifications are only hints), so
+        One task per session sends the rows (notifications are only hints), so
         seqs go out strictly ascending with no duplicates. The event is cleared
         *before* each read: a poke that lands during the read causes one more.
+        Reads are shared by the user's sessions (``FeedReader``); a shared read
+        may have begun before the announced change committed, so when it does not
+        reach the announced seq, a fresh read follows. The first read is fresh too:
+        one begun before this session subscribed may miss a change nobody announces
+        to it again.
         """
         self.last_sent = cursor
         synced = False
         backoff = 0.1
+        fresh = True
         while True:
             self._wanted.clear()
+            if self._stale:
+                self._stale, fresh = False, True
             try:
                 while True:
                     if not await self.outbox.wait_room(self.settings.slow_consumer_timeout):
                         raise _Closing(
                             CloseCode.POLICY_VIOLATION, "too slow: reconnect to catch up"
                         )
-                    changes = await read_changes(self.svc.pool, self.user, self.last_sent)
-                    for change in changes:
-                        self.outbox.send(change_frame(change))
-                        self.last_sent = change["seq"]
-                    if len(changes) < FEED_BATCH:
+                    was_fresh, fresh = fresh, False
+                    changes = await self.svc.feed.read(self.user, self.last_sent, fresh=was_fresh)
+                    for seq, message in changes:
+                        self.outbox.send_encoded(message)
+                        self.last_sent = seq
+                    if len(changes) == FEED_BATCH:
+                        continue
+                    # A fresh read saw every announced commit (a row since purged
+                    # never shows up; don't wait for it).
+                    if was_fresh or self.last_sent >= self._announced:
                         break
+                    fresh = True  # the shared read began before the announced commit
             except TRANSIENT_DB_ERRORS as exc:
                 # The database is restarting: keep the session, retry from last_sent.
                 log.warning("session %s: feed read failed (%s); retrying", self.id, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+                fresh = True
                 self._wanted.set()
                 continue
             backoff = 0.1

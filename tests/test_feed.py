@@ -76,3 +76,65 @@ async def test_long_poll_returns_on_commit_and_times_out_empty(server, alice):
         bad = await http.get("/v1/changes", params={"since": 0, "wait": 10_000})
         assert bad.status_code == 400
     await writer.close()
+
+
+def _sessions(server, user: int) -> dict[str, object]:
+    """The live sessions of ``user`` on the in-process server, by device."""
+    from server.session import Session
+
+    return {s.device: s for s in server.services.hub._subs.get(user, ()) if isinstance(s, Session)}
+
+
+async def test_one_read_serves_every_caught_up_session_of_the_user(server, alice):
+    """A commit wakes every session of its user; the caught-up ones share one
+    database read and one encoded frame instead of reading the feed each."""
+    clients = [
+        await SyncClient.connect(server.ws, alice["access"], device=f"d{i}") for i in range(12)
+    ]
+    feed = server.services.feed
+    before = feed.reads
+    done = await clients[0].push([b"shared"])
+    changes = [await next_change(c) for c in clients]
+    assert {c["seq"] for c in changes} == {done["seq"]}
+    assert all(c == changes[0] for c in changes)
+    reads = feed.reads - before
+    assert reads <= 2, f"{reads} feed reads for one commit to 12 sessions"
+    for c in clients:
+        await c.close()
+
+
+async def test_a_shared_read_that_began_before_the_commit_is_not_the_last_word(server, alice):
+    """Session A's read began before a commit and is still in flight when the commit
+    is announced; session B, woken by the announcement, joins that read and gets
+    nothing new. B must read again (the commit was announced to it once, and only
+    once), not wait for a next change that may never come."""
+    a = await SyncClient.connect(server.ws, alice["access"], device="a")
+    b = await SyncClient.connect(server.ws, alice["access"], device="b")
+    writer = await SyncClient.connect(server.ws, alice["access"], device="writer")
+    feed = server.services.feed
+    original = feed._read
+    armed = asyncio.Event()
+
+    async def read_slowly(user: int, after: int):
+        rows = await original(user, after)
+        if armed.is_set():  # this snapshot is taken; the commit lands meanwhile
+            armed.clear()
+            await asyncio.sleep(1.0)
+        return rows
+
+    async def start_a_read_on_a() -> None:
+        feed._read = read_slowly
+        armed.set()
+        _sessions(server, a.welcome["user"])["a"].poke(None)
+
+    await asyncio.to_thread(server.call, start_a_read_on_a)
+    await asyncio.sleep(0.2)
+    try:
+        done = await writer.push([b"late"])
+        for client in (b, a):
+            change = await next_change(client, timeout=5)
+            assert change["seq"] == done["seq"]
+    finally:
+        feed._read = original
+    for client in (a, b, writer):
+        await client.close()
