@@ -140,13 +140,27 @@ class Uploader:
                 entry = await self._declare(path, name, kind, object_id, base, sealed_key)
                 self.state.save_journal(key, entry)
                 await self._send_missing(path, entry, set(), progress)
-            done = await self.conn.request({"t": "commit", "upload": entry["upload"]})
+            done = await self._commit(path, entry)
         except RemoteError as exc:
             if exc.code == "conflict":
                 raise Conflict(exc.frame["rev"]) from None
             raise
         self.state.drop_journal(key)
         return Committed(done["object"], done["rev"], done["seq"], bytes.fromhex(entry["meta_key"]))
+
+    async def _commit(self, path: Path | None, entry: dict[str, Any]) -> dict[str, Any]:
+        """Commit; if the server lost staged parts (``incomplete``, e.g. after its
+        crash), send those again, once, and commit again."""
+        commit = {"t": "commit", "upload": entry["upload"]}
+        try:
+            return await self.conn.request(commit)
+        except RemoteError as exc:
+            missing = exc.frame.get("missing")
+            if exc.code != "incomplete" or not missing:
+                raise
+        have = set(range(len(entry["parts"]))) - set(missing)
+        await self._send_missing(path, entry, have, None)
+        return await self.conn.request(commit)
 
     def _still_valid(
         self, entry: dict[str, Any], path: Path | None, object_id: int | None, base: int | None

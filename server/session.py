@@ -441,7 +441,15 @@ class Session:
 
     async def _commit(self, frame: Commit) -> dict[str, Any]:
         await self._settle(frame.upload)
-        result = await self.svc.uploads.commit(self.user, frame.upload, self.device, frame.rid)
+        try:
+            result = await self.svc.uploads.commit(self.user, frame.upload, self.device, frame.rid)
+        except RequestError as exc:
+            known = self.uploads.get(frame.upload)
+            if exc.code == ErrorCode.INCOMPLETE and known is not None:
+                # Staged parts the store lost are to be sent again: accept them.
+                missing = exc.extra.get("missing")
+                known.received -= set(missing) if isinstance(missing, list) else set()
+            raise
         self._drop_upload(frame.upload)
         return frames.committed(frame.rid, result.object, result.rev, result.seq)
 

@@ -112,3 +112,32 @@ async def test_the_server_never_receives_the_password(server, tmp_path, db):
     assert hasher.verify(stored, crypto.login_secret(username, PASSWORD))
     with pytest.raises(VerifyMismatchError):
         hasher.verify(stored, PASSWORD)
+
+
+async def test_push_sends_again_the_parts_a_server_lost_from_staging(server, tmp_path):
+    """A staged part vanishes on the server (removed by hand, or a store that lost
+    it): the commit answers ``incomplete`` with the missing index, and the SDK sends
+    that part again and commits."""
+    sdk = await device(server, tmp_path, "a", unique("lost"), new=True)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(200_000))  # 4 parts of 64 KiB
+    store = server.services.store
+    copy = store.copy
+    lost: list[str] = []
+
+    async def copy_after_losing_one(src_key: str, dst_key: str) -> None:
+        if not lost and src_key.endswith("/2"):
+            await store.delete(src_key)  # as if the crash took it
+            lost.append(src_key)
+        await copy(src_key, dst_key)
+
+    store.copy = copy_after_losing_one
+    try:
+        async with sdk.session() as conn:
+            _, done = await sdk.push(conn, src, "lost.bin")
+    finally:
+        store.copy = copy
+    assert lost and done.rev == 1
+    out = tmp_path / "out.bin"
+    await sdk.pull(None, (await sdk.remote_files())["lost.bin"], out)
+    assert out.read_bytes() == src.read_bytes()
