@@ -243,6 +243,9 @@ class Session:
         except AuthError as exc:
             code = CloseCode.DEVICE_REVOKED if "revoked" in str(exc) else CloseCode.UNAUTHORIZED
             raise ProtocolViolation(str(exc), code) from None
+        if claims.device is not None and claims.device != hello.device:
+            # Else a revoked device could live on under another device's name.
+            raise ProtocolViolation("the token is for another device", CloseCode.UNAUTHORIZED)
         cap = self.settings.max_sessions_per_user
         if self.svc.hub.count(claims.user, Session) >= cap:
             raise ProtocolViolation(f"at most {cap} sessions per user", CloseCode.TOO_MANY_SESSIONS)
@@ -535,13 +538,19 @@ class Session:
                 match op:
                     case _Write(_, data):
                         try:
-                            await asyncio.to_thread(writer.write_blocking, data)
+                            if writer.in_memory:
+                                writer.write_blocking(data)
+                            else:
+                                await asyncio.to_thread(writer.write_blocking, data)
                         except (OSError, ValueError):
                             log.exception("session %s: spool write failed", self.id)
                             self._fail_part(writer, ErrorCode.UNAVAILABLE, "server disk error")
                         self._release(len(data))
                     case _Discard(_):
-                        await asyncio.to_thread(writer.discard_blocking)
+                        if writer.in_memory:
+                            writer.discard_blocking()
+                        else:
+                            await asyncio.to_thread(writer.discard_blocking)
                         return
                     case _Finish(record, _):
                         if not writer.discarded:
@@ -669,6 +678,8 @@ class Session:
             return frames.error(ErrorCode.UNAUTHORIZED, str(exc), rid=frame.rid)
         if claims.user != self.user:
             return frames.error(ErrorCode.FORBIDDEN, "token is for another user", rid=frame.rid)
+        if claims.device is not None and claims.device != self.device:
+            return frames.error(ErrorCode.FORBIDDEN, "token is for another device", rid=frame.rid)
         self._set_expiry(claims.expires)
         return frames.ok(frame.rid)
 

@@ -63,11 +63,20 @@ class CommitResult:
     seq: int
 
 
-class PartWriter:
-    """One part on its way in: a spool file and a running sha256.
+#: Parts up to this size are received in memory: no spool file, no worker thread
+#: per chunk, one store write. Each thread hop costs the event loop GIL hand-offs,
+#: which for small files cost more than the work itself. (The credit window still
+#: bounds the bytes in memory.)
+SMALL_PART = 64 * 1024
 
-    Blocking methods (``*_blocking``) are called from worker threads; hashlib
-    and file writes release the GIL, so large parts don't stall the event loop.
+
+class PartWriter:
+    """One part on its way in: a spool file (or, when small, a buffer) and a running
+    sha256.
+
+    Blocking methods (``*_blocking``) are called from worker threads for spooled
+    parts; hashlib and file writes release the GIL, so large parts don't stall the
+    event loop. For in-memory parts they are cheap enough to call on the loop.
     """
 
     def __init__(self, spool_dir: Path, upload: str, index: int, size: int, sha256: bytes) -> None:
@@ -75,37 +84,59 @@ class PartWriter:
         self.index = index
         self.size = size
         self.expected = sha256
-        self.path = spool_dir / f"{upload}.{index}.{secrets.token_hex(4)}.part"
+        self.in_memory = size <= SMALL_PART
+        self._spool_dir = spool_dir
+        self._path: Path | None = None
         #: Bytes accepted so far (advanced by the caller before the write runs).
         self.accepted = 0
         self.discarded = False
         #: Handed to store_part, which owns the spool file from then on.
         self.storing = False
         self._file: IO[bytes] | None = None
+        self._buffer = bytearray()
         self._hash = hashlib.sha256()
         self._written = 0
+
+    @property
+    def path(self) -> Path:
+        """The spool file (named on first use: not every part needs one)."""
+        if self._path is None:
+            name = f"{self.upload}.{self.index}.{secrets.token_hex(4)}.part"
+            self._path = self._spool_dir / name
+        return self._path
+
+    @property
+    def data(self) -> bytes:
+        """An in-memory part's bytes."""
+        return bytes(self._buffer)
 
     def write_blocking(self, data: bytes) -> None:
         if self.discarded:
             return
-        if self._file is None:
-            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
-        self._file.write(data)
+        if self.in_memory:
+            self._buffer += data
+        else:
+            if self._file is None:
+                self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
+            self._file.write(data)
         self._hash.update(data)
         self._written += len(data)
 
     def finish_blocking(self) -> bool:
         """Close the spool file; True when size and sha256 match the declaration."""
-        if self._file is None:
-            self._file = open(self.path, "wb")  # noqa: SIM115
-        self._file.close()
+        if not self.in_memory:
+            if self._file is None:
+                self._file = open(self.path, "wb")  # noqa: SIM115
+            self._file.close()
         return self._written == self.size and self._hash.digest() == self.expected
 
     def discard_blocking(self) -> None:
         self.discarded = True
+        self._buffer = bytearray()
         if self._file is not None and not self._file.closed:
             self._file.close()
-        self.path.unlink(missing_ok=True)
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
 
 
 class Uploads:
@@ -330,8 +361,12 @@ class Uploads:
         Raises RequestError(hash_mismatch) when the bytes are not what was
         declared; the spool file is removed either way.
         """
+        key = keys.staging_key(rec.user, rec.id, writer.index)
         try:
-            matched = await asyncio.to_thread(writer.finish_blocking)
+            if writer.in_memory:
+                matched = writer.finish_blocking()
+            else:
+                matched = await asyncio.to_thread(writer.finish_blocking)
             if not matched:
                 raise RequestError(
                     ErrorCode.HASH_MISMATCH,
@@ -339,14 +374,15 @@ class Uploads:
                     upload=rec.id,
                     part=writer.index,
                 )
-            await self.store.put_file(
-                keys.staging_key(rec.user, rec.id, writer.index),
-                writer.path,
-                writer.size,
-                move=True,
-            )
+            if writer.in_memory:
+                await self.store.put_bytes(key, writer.data)
+            else:
+                await self.store.put_file(key, writer.path, writer.size, move=True)
         finally:
-            await asyncio.to_thread(writer.discard_blocking)
+            if writer.in_memory:
+                writer.discard_blocking()
+            else:
+                await asyncio.to_thread(writer.discard_blocking)
         # Separate statements, each committed on its own: one statement locking the
         # part row and then the upload row deadlocked against abort, whose cascade
         # locks them the other way round.
