@@ -307,18 +307,36 @@ class Auth:
     # ------------------------------------------------------ account changes
 
     async def change_password(
-        self, user: int, current: str, new: str, keep_device: str | None, bundle: bytes | None
+        self,
+        user: int,
+        current: str,
+        new: str,
+        keep_device: str | None,
+        bundle: bytes | None,
+        address: str = "",
     ) -> None:
         """Verify ``current``, store ``new`` (and the re-wrapped key bundle), and sign out
-        every other device: their refresh tokens are revoked and their sessions close."""
+        every other device: their refresh tokens are revoked and their sessions close.
+
+        Throttled like a login, on the same counters: a stolen access token must not
+        become a way to guess the password (which also derives the key)."""
         if not MIN_PASSWORD <= len(new) <= MAX_PASSWORD:
             raise RequestError(
                 ErrorCode.BAD_FRAME, f"password must be {MIN_PASSWORD}..{MAX_PASSWORD} characters"
             )
-        stored = await self.pool.fetchval("SELECT password_hash FROM users WHERE id = $1", user)
+        row = await self.pool.fetchrow(
+            "SELECT username, password_hash FROM users WHERE id = $1", user
+        )
+        if row is None:
+            raise AuthError("no such account")
+        keys = [f"user:{row['username'].lower()}"] + ([f"addr:{address}"] if address else [])
+        wait = await self._throttle_wait(keys)
+        if wait is not None:
+            raise Throttled(wait)
         try:
-            await asyncio.to_thread(self._hasher.verify, stored or self._dummy_hash, current)
+            await asyncio.to_thread(self._hasher.verify, row["password_hash"], current)
         except (VerificationError, InvalidHashError):
+            await self._record_failure(keys)
             raise AuthError("the current password is wrong") from None
         digest = await asyncio.to_thread(self._hasher.hash, new)
         async with self.pool.acquire() as conn, conn.transaction():

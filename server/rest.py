@@ -256,15 +256,19 @@ async def logout(request: Request) -> Response:
 @endpoint
 async def account(request: Request) -> Response:
     claims = await authenticate(request)
+    return await _account(request, claims.user)
+
+
+async def _account(request: Request, user: int) -> Response:
     row = await services(request).pool.fetchrow(
         "SELECT username, created_at, used, quota, change_seq FROM users WHERE id = $1",
-        claims.user,
+        user,
     )
     if row is None:
         raise ApiError(ErrorCode.UNAUTHORIZED, "account no longer exists")
     return reply(
         {
-            "user": claims.user,
+            "user": user,
             "username": row["username"],
             "member_since": row["created_at"].isoformat(),
             "used": row["used"],
@@ -296,10 +300,17 @@ async def patch_account(request: Request) -> Response:
             _string(change, "new", 1024),
             claims.device,
             bundle,
+            request.client.host if request.client else "",
         )
+    except Throttled as exc:
+        raise ApiError(
+            ErrorCode.RATE_LIMITED, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))}
+        ) from None
     except AuthError as exc:
         raise ApiError(ErrorCode.FORBIDDEN, str(exc)) from None
-    return await account(request)
+    # Not re-authenticated: a token bound to no device is signed out by the change
+    # it just made, and must still learn that the change happened.
+    return await _account(request, claims.user)
 
 
 def _bundle(value: Any) -> bytes:

@@ -40,6 +40,31 @@ async def test_login_throttled_per_account_with_retry_after(make_server, db):
         assert (await attempt(http, name, PASSWORD)).status_code == 200
 
 
+async def test_password_change_is_throttled_on_the_login_counters(make_server, db):
+    """Guessing the current password through PATCH /v1/account (with a stolen access
+    token) is throttled like logins, on the same per-account counter."""
+    await db.execute("DELETE FROM auth_failures")
+    server = make_server(login_max_failures=3, login_window=2)
+    name = unique("guessed")
+    tokens = await register_login(server.http, name)
+    auth = {"Authorization": f"Bearer {tokens['access']}"}
+
+    def change(current: str) -> dict[str, object]:
+        return {"password": {"current": current, "new": "a new password"}}
+
+    async with httpx.AsyncClient(base_url=server.http, headers=auth) as http:
+        for _ in range(3):
+            r = await http.patch("/v1/account", json=change("wrong password"))
+            assert r.status_code == 403, r.text
+        r = await http.patch("/v1/account", json=change(PASSWORD))  # right, but must wait
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(r.headers["retry-after"]) <= 2
+        assert (await attempt(http, name, PASSWORD)).status_code == 429  # one counter
+        await asyncio.sleep(2.1)
+        r = await http.patch("/v1/account", json=change(PASSWORD))
+        assert r.status_code == 200, r.text
+
+
 async def test_login_throttled_per_address_across_accounts(make_server, db):
     await db.execute("DELETE FROM auth_failures")
     server = make_server(login_max_failures=4, login_window=30)
