@@ -587,3 +587,29 @@ async def test_reauth_with_bad_tokens_is_refused(server):
         assert (await client.request({"t": "ping"}))["t"] == "pong"
     finally:
         await client.close()
+
+
+async def test_a_device_token_opens_and_renews_only_that_devices_sessions(server):
+    """A token bound to one device cannot open a session as another device, nor renew
+    one: else a revoked device could live on under another device's name."""
+    from tests.support.client import register_login
+
+    name = unique("bound")
+    laptop = await register_login(server.http, name, device="laptop")
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await SyncClient.connect(server.ws, laptop["access"], device="phone")
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        r = await http.post(
+            "/v1/auth/login",
+            json={"username": name, "password": "correct horse battery", "device": "phone"},
+        )
+        phone = r.json()
+    on_phone = await SyncClient.connect(server.ws, phone["access"], device="phone")
+    try:
+        r = await on_phone.request({"t": "reauth", "token": laptop["access"]})
+        assert r["t"] == "error" and r["code"] == "forbidden", r
+        r = await on_phone.request({"t": "reauth", "token": phone["access"]})
+        assert r["t"] == "ok", r
+    finally:
+        await on_phone.close()

@@ -29,7 +29,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from server.embedded import start_embedded_postgres
 from tests.conftest import _with_database, unique
-from tests.support.client import SyncClient, register_login
+from tests.support.client import SyncClient, login_device, register_login
 from tests.support.nodes import Node, node_args
 from tests.support.server import RunningServer
 from tests.support.server import test_settings as server_settings
@@ -699,8 +699,10 @@ async def test_revocation_and_password_change_close_sessions_on_another_node(
         n1, n2 = await start_nodes(nodes, tmp_path, database_url, s3_config, s3_buckets)
         name = unique("revoke")
         user = await register_login(n1.http, name, device="admin")
-        victim = await SyncClient.connect(n2.ws, user["access"], device="stolen-phone")
-        bystander = await SyncClient.connect(n2.ws, user["access"], device="tablet")
+        phone = await login_device(n1.http, name, "stolen-phone")
+        tablet = await login_device(n1.http, name, "tablet")
+        victim = await SyncClient.connect(n2.ws, phone["access"], device="stolen-phone")
+        bystander = await SyncClient.connect(n2.ws, tablet["access"], device="tablet")
         auth = {"Authorization": f"Bearer {user['access']}"}
         async with httpx.AsyncClient(base_url=n1.http, headers=auth, timeout=30) as http:
             assert (await http.delete("/v1/devices/stolen-phone")).status_code == 204

@@ -226,3 +226,16 @@ async def register_login(
         r = await client.post("/v1/auth/login", json=body)
         assert r.status_code == 200, r.text
         return r.json()
+
+
+async def login_device(
+    http: str, username: str, device: str, password: str = "correct horse battery"
+) -> dict[str, Any]:
+    """Log an existing account in as ``device``: its tokens open only that device's
+    sessions."""
+    async with httpx.AsyncClient(base_url=http) as client:
+        r = await client.post(
+            "/v1/auth/login", json={"username": username, "password": password, "device": device}
+        )
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
