@@ -18,14 +18,16 @@ async def record_change(
 
     ``new`` inserts the actor's owner row for an object created in this transaction.
     """
-    users = [
-        r["user_id"]
-        for r in await conn.fetch(
-            "SELECT user_id FROM access_list WHERE object_id = $1 ORDER BY user_id", object_id
-        )
-    ]
-    if new and actor not in users:
-        users = sorted([*users, actor])
+    if new:  # created in this transaction: nobody else can see it yet
+        users = [actor]
+    else:
+        users = [
+            r["user_id"]
+            for r in await conn.fetch(
+                "SELECT user_id FROM access_list WHERE object_id = $1 ORDER BY user_id",
+                object_id,
+            )
+        ]
     actor_seq = 0
     for user in users:
         seq = await conn.fetchval(

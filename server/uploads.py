@@ -207,11 +207,19 @@ class Uploads:
                 # both pass the checks below on the same free space.
                 await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", payer)
                 await self._check_limits(conn, user, payer, frame, replaced)
+                # One statement whatever the part count (COPY costs several round trips).
                 await conn.execute(
-                    """INSERT INTO uploads (id, user_id, device_id, object_id, base_rev, kind,
-                           enc_name, enc_mtime, enc_key, salt, declared_parts, size, expires_at)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                               now() + make_interval(secs => $13))""",
+                    """WITH up AS (
+                           INSERT INTO uploads (id, user_id, device_id, object_id, base_rev,
+                               kind, enc_name, enc_mtime, enc_key, salt, declared_parts, size,
+                               expires_at)
+                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                                   now() + make_interval(secs => $13))
+                           RETURNING id)
+                       INSERT INTO upload_parts (upload_id, idx, size, sha256, enc_key, salt)
+                       SELECT up.id, i - 1, size, sha, key, salt
+                       FROM up, unnest($14::int[], $15::bytea[], $16::bytea[], $17::bytea[])
+                                WITH ORDINALITY AS t(size, sha, key, salt, i)""",
                     upload_id,
                     user,
                     device,
@@ -225,20 +233,11 @@ class Uploads:
                     len(frame.parts),
                     frame.size,
                     float(self.settings.upload_ttl),
+                    [p.size for p in frame.parts],
+                    [p.sha256 for p in frame.parts],
+                    [p.key for p in frame.parts],
+                    [p.salt for p in frame.parts],
                 )
-                if frame.parts:
-                    # One statement whatever the count (COPY costs several round trips).
-                    await conn.execute(
-                        """INSERT INTO upload_parts (upload_id, idx, size, sha256, enc_key, salt)
-                           SELECT $1, i - 1, size, sha, key, salt
-                           FROM unnest($2::int[], $3::bytea[], $4::bytea[], $5::bytea[])
-                                WITH ORDINALITY AS t(size, sha, key, salt, i)""",
-                        upload_id,
-                        [p.size for p in frame.parts],
-                        [p.sha256 for p in frame.parts],
-                        [p.key for p in frame.parts],
-                        [p.salt for p in frame.parts],
-                    )
         return UploadRecord(
             id=upload_id,
             user=user,
@@ -250,29 +249,11 @@ class Uploads:
         self, conn: asyncpg.Connection, user: int, payer: int, frame: Upload, replaced: int
     ) -> None:
         """Caps on unfinished uploads, and the quota with their bytes reserved."""
-        mine = await conn.fetchrow(
-            "SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes FROM uploads "
-            "WHERE user_id = $1 AND state = 'open' AND expires_at > now()",
-            user,
-        )
-        if mine["n"] >= self.settings.max_open_uploads:
-            raise RequestError(
-                ErrorCode.RATE_LIMITED,
-                f"{mine['n']} unfinished uploads: commit or abort some first",
-                rid=frame.rid,
-            )
-        if mine["bytes"] + frame.size > self.settings.max_staged_bytes:
-            raise RequestError(
-                ErrorCode.QUOTA_EXCEEDED,
-                "unfinished uploads would hold more than "
-                f"{self.settings.max_staged_bytes} bytes: commit or abort some first",
-                rid=frame.rid,
-            )
         account = await conn.fetchrow(
             # Reserved: the payer's own unfinished uploads of new objects or of its
             # objects, plus others' unfinished uploads to its (shared) objects. Two
             # indexed lookups rather than a scan of every upload row.
-            """SELECT u.quota, u.used,
+            """SELECT mine.n, mine.bytes, u.quota, u.used,
                       coalesce((SELECT sum(p.size) FROM uploads p
                                 LEFT JOIN objects o ON o.id = p.object_id
                                 WHERE p.user_id = u.id AND p.state = 'open'
@@ -282,9 +263,27 @@ class Uploads:
                                 JOIN uploads p ON p.object_id = o.id AND p.state = 'open'
                                 WHERE o.owner_id = u.id AND p.user_id <> u.id
                                   AND p.expires_at > now()), 0) AS reserved
-               FROM users u WHERE u.id = $1""",
+               FROM users u,
+                    LATERAL (SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes
+                             FROM uploads
+                             WHERE user_id = $1 AND state = 'open' AND expires_at > now()) mine
+               WHERE u.id = $2""",
+            user,
             payer,
         )
+        if account["n"] >= self.settings.max_open_uploads:
+            raise RequestError(
+                ErrorCode.RATE_LIMITED,
+                f"{account['n']} unfinished uploads: commit or abort some first",
+                rid=frame.rid,
+            )
+        if account["bytes"] + frame.size > self.settings.max_staged_bytes:
+            raise RequestError(
+                ErrorCode.QUOTA_EXCEEDED,
+                "unfinished uploads would hold more than "
+                f"{self.settings.max_staged_bytes} bytes: commit or abort some first",
+                rid=frame.rid,
+            )
         need = account["used"] + account["reserved"] - replaced + frame.size
         if need > account["quota"]:
             raise RequestError(
@@ -394,10 +393,6 @@ class Uploads:
             rec.id,
             writer.index,
         )
-        if flipped:
-            await self.pool.execute(
-                "UPDATE uploads SET received_parts = received_parts + 1 WHERE id = $1", rec.id
-            )
         still_open = flipped or await self.pool.fetchval(
             "SELECT 1 FROM uploads WHERE id = $1 AND state = 'open'", rec.id
         )
@@ -439,11 +434,7 @@ class Uploads:
     async def _commit_locked(
         self, user: int, upload_id: str, device: str | None, fail: _Fail
     ) -> CommitResult:
-        up = await self.pool.fetchrow(
-            "SELECT *, expires_at < now() AS expired FROM uploads WHERE id = $1 AND user_id = $2",
-            upload_id,
-            user,
-        )
+        up = await self.pool.fetchrow(_COMMIT_READ, upload_id, user)
         if up is None:
             raise fail(ErrorCode.NOT_FOUND, "no such upload")
         if up["state"] == "committed":
@@ -452,27 +443,17 @@ class Uploads:
             return CommitResult(up["result_object"], up["result_rev"], up["result_seq"])
         if up["expired"]:
             raise fail(ErrorCode.NOT_FOUND, "upload expired")
-        parts = await self.pool.fetch(
-            "SELECT idx, size, sha256, enc_key, salt, received FROM upload_parts "
-            "WHERE upload_id = $1 ORDER BY idx",
-            upload_id,
-        )
+        parts = _parts(up)
         missing = [p["idx"] for p in parts if not p["received"]]
         if missing:
             raise fail(ErrorCode.INCOMPLETE, f"{len(missing)} parts missing", missing=missing)
         if up["object_id"] is not None:
-            rev = await self.pool.fetchval("SELECT rev FROM objects WHERE id = $1", up["object_id"])
+            rev = up["current_rev"]
             if rev is None:
                 raise fail(ErrorCode.NOT_FOUND, "the object no longer exists")
             if rev != up["base_rev"]:
                 raise fail(ErrorCode.CONFLICT, "base revision is stale", rev=rev)
-
-        ids: list[int] = [
-            r[0]
-            for r in await self.pool.fetch(
-                "SELECT nextval('partitions_id_seq') FROM generate_series(1, $1)", len(parts)
-            )
-        ]
+        ids: list[int] = list(up["new_ids"] or [])
         copies = [keys.partition_key(user, pid) for pid in ids]
         await self._copy_all(user, upload_id, parts, copies, fail)
         try:
@@ -516,7 +497,7 @@ class Uploads:
         self,
         user: int,
         upload_id: str,
-        parts: list[asyncpg.Record],
+        parts: list[dict[str, Any]],
         copies: list[str],
         fail: _Fail,
     ) -> None:
@@ -555,7 +536,7 @@ class Uploads:
     async def _commit_metadata(
         self,
         up: asyncpg.Record,
-        parts: list[asyncpg.Record],
+        parts: list[dict[str, Any]],
         ids: list[int],
         copies: list[str],
         device: str | None,
@@ -644,23 +625,28 @@ class Uploads:
                 )
             seq = await record_change(conn, obj, user, "active", new=up["object_id"] is None)
             fits = await conn.fetchval(
-                "UPDATE users SET used = used + $2 WHERE id = $1 "
-                "AND ($2 <= 0 OR used + $2 <= quota) RETURNING 1",
+                """WITH fits AS (
+                       UPDATE users SET used = used + $2
+                       WHERE id = $1 AND ($2 <= 0 OR used + $2 <= quota) RETURNING 1),
+                   done AS (
+                       UPDATE uploads SET state = 'committed', result_object = $4,
+                              result_rev = $5, result_seq = $6,
+                              expires_at = now() + make_interval(secs => $7)
+                       WHERE id = $3 AND EXISTS (SELECT 1 FROM fits) RETURNING 1),
+                   parts AS (
+                       DELETE FROM upload_parts
+                       WHERE upload_id = $3 AND EXISTS (SELECT 1 FROM done))
+                   SELECT EXISTS (SELECT 1 FROM fits)""",
                 payer,
                 delta,
-            )
-            if not fits:
-                raise fail(ErrorCode.QUOTA_EXCEEDED, "the object no longer fits the quota")
-            await conn.execute(
-                "UPDATE uploads SET state = 'committed', result_object = $2, result_rev = $3, "
-                "result_seq = $4, expires_at = now() + make_interval(secs => $5) WHERE id = $1",
                 up["id"],
                 obj,
                 rev,
                 seq,
                 float(self.settings.upload_ttl),
             )
-            await conn.execute("DELETE FROM upload_parts WHERE upload_id = $1", up["id"])
+            if not fits:
+                raise fail(ErrorCode.QUOTA_EXCEEDED, "the object no longer fits the quota")
         return CommitResult(obj, rev, seq), True
 
     def _cleanup(self, store_keys: list[str]) -> asyncio.Task[None] | None:
@@ -702,6 +688,42 @@ class Uploads:
             await self.store.delete_many(store_keys)
         except Exception:
             log.warning("could not delete %d store objects; the janitor will", len(store_keys))
+
+
+#: A commit's first read, in one round trip: the upload, its parts (as arrays), the
+#: object's current rev, and (if still open) the ids its partitions will get.
+_COMMIT_READ = """
+SELECT u.*, u.expires_at < now() AS expired, o.rev AS current_rev,
+       p.idxs, p.sizes, p.hashes, p.keys, p.salts, p.received,
+       CASE WHEN u.state = 'open' THEN
+            ARRAY(SELECT nextval('partitions_id_seq') FROM generate_series(1, u.declared_parts))
+       END AS new_ids
+FROM uploads u
+LEFT JOIN objects o ON o.id = u.object_id
+LEFT JOIN LATERAL (
+    SELECT array_agg(idx ORDER BY idx) AS idxs, array_agg(size ORDER BY idx) AS sizes,
+           array_agg(sha256 ORDER BY idx) AS hashes, array_agg(enc_key ORDER BY idx) AS keys,
+           array_agg(salt ORDER BY idx) AS salts, array_agg(received ORDER BY idx) AS received
+    FROM upload_parts WHERE upload_id = u.id) p ON true
+WHERE u.id = $1 AND u.user_id = $2"""
+
+
+def _parts(up: asyncpg.Record) -> list[dict[str, Any]]:
+    """The parts of a ``_COMMIT_READ`` row, in order."""
+    if not up["idxs"]:
+        return []
+    return [
+        {"idx": i, "size": size, "sha256": sha, "enc_key": key, "salt": salt, "received": got}
+        for i, size, sha, key, salt, got in zip(
+            up["idxs"],
+            up["sizes"],
+            up["hashes"],
+            up["keys"],
+            up["salts"],
+            up["received"],
+            strict=True,
+        )
+    ]
 
 
 def _staging_keys(up: asyncpg.Record) -> list[str]:
