@@ -20,10 +20,11 @@ from server.db import create_pool
 from server.embedded import start_embedded_postgres
 from server.hub import Hub
 from server.janitor import Janitor
+from server.metrics import Counters, Live, registry
 from server.migrate import migrate
 from server.objects import Objects
 from server.services import Services
-from server.session import sync_endpoint
+from server.session import Session, sync_endpoint
 from server.settings import Settings
 from server.stores import make_store
 from server.uploads import Uploads, clear_spool
@@ -67,6 +68,15 @@ def create_app(settings: Settings) -> Starlette:
             await asyncio.to_thread(clear_spool, spool)
             auth = await asyncio.to_thread(Auth, settings, pool, jwt_secret(settings))
             await hub.start()
+            counters = Counters()
+            feed = FeedReader(pool)
+            live = Live(
+                sessions=lambda: hub.total(Session),
+                feed_queries=lambda: feed.reads,
+                listener_connections=lambda: hub.connections,
+                listener_up=hub.connected.is_set,
+                pool=pool,
+            )
             services = app.state.services = Services(
                 settings=settings,
                 pool=pool,
@@ -75,8 +85,10 @@ def create_app(settings: Settings) -> Starlette:
                 uploads=Uploads(settings, pool, store, spool, lock_pool),
                 objects=Objects(pool, settings.garbage_delay),
                 hub=hub,
-                feed=FeedReader(pool),
+                feed=feed,
                 spool_dir=spool,
+                counters=counters,
+                metrics=registry(counters, live),
             )
             janitor = Janitor(settings, pool, store)
             app.state.janitor = janitor

@@ -80,6 +80,13 @@ class Hub:
         subs = self._subs.get(user, ())
         return len(subs) if kind is None else sum(isinstance(s, kind) for s in subs)
 
+    def total(self, kind: type | None = None) -> int:
+        """Subscribers in this process, of every user (of one ``kind``)."""
+        return sum(
+            len(subs) if kind is None else sum(isinstance(s, kind) for s in subs)
+            for subs in self._subs.values()
+        )
+
     @property
     def listener_pid(self) -> int | None:
         """The backend pid of the LISTEN connection (for tests that kill it)."""

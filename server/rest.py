@@ -28,6 +28,7 @@ from protocol.frames import Upload as UploadFrame
 from server.auth import AccessClaims, AuthError, Throttled
 from server.changes import read_changes
 from server.db import TRANSIENT_DB_ERRORS
+from server.metrics import CONTENT_TYPE_LATEST, render
 from server.services import Services
 from server.stores import BlobNotFound, StoreError
 
@@ -189,15 +190,15 @@ def endpoint(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except RequestError as exc:
-            return error_response(exc)
+            error = exc
         except FrameError as exc:
-            return error_response(ApiError(ErrorCode.BAD_FRAME, exc.reason))
+            error = ApiError(ErrorCode.BAD_FRAME, exc.reason)
         except BlobNotFound:
-            return error_response(ApiError(ErrorCode.INTERNAL, "stored data is missing"))
+            error = ApiError(ErrorCode.INTERNAL, "stored data is missing")
         except (StoreError, *TRANSIENT_DB_ERRORS) as exc:
-            return error_response(
-                ApiError(ErrorCode.UNAVAILABLE, f"backend unavailable: {type(exc).__name__}")
-            )
+            error = ApiError(ErrorCode.UNAVAILABLE, f"backend unavailable: {type(exc).__name__}")
+        services(request).counters.error("rest", error.code.value)
+        return error_response(error)
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
@@ -410,9 +411,9 @@ async def delete_object(request: Request) -> Response:
     base = _int_param(request, "base", -1, 1)
     if base < 1:
         raise ApiError(ErrorCode.BAD_FRAME, "base (the revision being deleted) is required")
-    result = await services(request).objects.delete(
-        claims.user, _path_int(request, "id"), base, claims.device
-    )
+    svc = services(request)
+    result = await svc.objects.delete(claims.user, _path_int(request, "id"), base, claims.device)
+    svc.counters.deletes += 1
     return reply({"object": result.object, "rev": result.rev, "seq": result.seq})
 
 
@@ -527,10 +528,14 @@ async def download(request: Request) -> Response:
     chunks = svc.store.read(part.store_key, start, end - start)
     first = await anext(aiter(chunks), b"")
 
+    counters = svc.counters
+
     async def body() -> AsyncIterator[bytes]:
         yield first
+        counters.download_bytes += len(first)
         async for piece in chunks:
             yield piece
+            counters.download_bytes += len(piece)
 
     return StreamingResponse(
         body(),
@@ -627,6 +632,7 @@ async def put_part(request: Request) -> Response:
             if writer.accepted > size:
                 raise ApiError(ErrorCode.TOO_LARGE, f"part {index} is {size} bytes")
             pending += piece
+            svc.counters.upload_bytes += len(piece)
             if len(pending) >= SPOOL_PIECE:
                 await asyncio.to_thread(writer.write_blocking, bytes(pending))
                 pending.clear()
@@ -652,9 +658,9 @@ def _int_param_path(request: Request, name: str) -> int:
 @endpoint
 async def commit_upload(request: Request) -> Response:
     claims = await authenticate(request)
-    result = await services(request).uploads.commit(
-        claims.user, request.path_params["upload"], claims.device
-    )
+    svc = services(request)
+    result = await svc.uploads.commit(claims.user, request.path_params["upload"], claims.device)
+    svc.counters.commits += 1
     return reply({"object": result.object, "rev": result.rev, "seq": result.seq})
 
 
@@ -663,6 +669,12 @@ async def commit_upload(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; aggregate counts only, nothing about any user."""
+    body = await asyncio.to_thread(render, services(request).metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def readyz(request: Request) -> Response:
@@ -685,6 +697,7 @@ def routes() -> list[BaseRoute]:
     return [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics),
         Route("/v1/auth/register", register, methods=["POST"]),
         Route("/v1/auth/login", login, methods=["POST"]),
         Route("/v1/auth/refresh", refresh, methods=["POST"]),

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+from prometheus_client.registry import CollectorRegistry
 
 from server.auth import Auth
 from server.changes import FeedReader
 from server.hub import Hub
+from server.metrics import Counters
 from server.objects import Objects
 from server.settings import Settings
 from server.stores import BlobStore
@@ -27,3 +29,5 @@ class Services:
     hub: Hub
     feed: FeedReader
     spool_dir: Path
+    counters: Counters
+    metrics: CollectorRegistry

@@ -267,6 +267,7 @@ class Session:
         welcome = frames.welcome(self.id, self.user, self.device, row["head"], self.conn.limits)
         welcome["idle_timeout"] = self.settings.idle_timeout
         await self._send_bytes(encode(welcome))
+        self.svc.counters.sessions_opened += 1
 
     def _set_expiry(self, expires: float) -> None:
         self._expires = expires
@@ -338,6 +339,7 @@ class Session:
                     for seq, message in changes:
                         self.outbox.send_encoded(message)
                         self.last_sent = seq
+                    self.svc.counters.changes_sent += len(changes)
                     if len(changes) == FEED_BATCH:
                         continue
                     # A fresh read saw every announced commit (a row since purged
@@ -419,6 +421,8 @@ class Session:
             log.exception("session %s: request failed", self.id)
             reply = frames.error(ErrorCode.INTERNAL, "internal error", rid=rid)
         if reply is not None:
+            if reply.get("t") == "error":
+                self.svc.counters.error("ws", str(reply.get("code")))
             self.outbox.send(reply)
 
     # -------------------------------------------------------------- uploads
@@ -454,12 +458,14 @@ class Session:
                 known.received -= set(missing) if isinstance(missing, list) else set()
             raise
         self._drop_upload(frame.upload)
+        self.svc.counters.commits += 1
         return frames.committed(frame.rid, result.object, result.rev, result.seq)
 
     async def _delete(self, frame: Delete) -> dict[str, Any]:
         result = await self.svc.objects.delete(
             self.user, frame.object, frame.base, self.device, frame.rid
         )
+        self.svc.counters.deletes += 1
         return frames.committed(frame.rid, result.object, result.rev, result.seq)
 
     def _drop_upload(self, upload: str) -> None:
@@ -481,6 +487,7 @@ class Session:
 
         def refuse(code: ErrorCode, msg: str, **extra: Any) -> None:
             self._release(size)
+            self.svc.counters.error("ws", code.value)
             self.outbox.send(frames.error(code, msg, upload=chunk.upload, part=chunk.part, **extra))
 
         if record is None:
@@ -510,6 +517,7 @@ class Session:
             writer = self.svc.uploads.writer(record, chunk.part)
             self.writers[key] = writer
         writer.accepted += size
+        self.svc.counters.upload_bytes += size
         self._enqueue(writer, _Write(writer, chunk.data))
         if writer.accepted == part_size:
             self._enqueue(writer, _Finish(record, writer))
@@ -587,8 +595,10 @@ class Session:
                 await self.svc.uploads.store_part(record, writer)
             self.outbox.send(frames.part_ok(writer.upload, writer.index))
         except RequestError as exc:
+            self.svc.counters.error("ws", exc.code.value)
             self.outbox.send(frames.error_from(exc))
         except Exception as exc:
+            self.svc.counters.error("ws", ErrorCode.UNAVAILABLE.value)
             log.warning("session %s: storing part failed: %s", self.id, exc)
             self.outbox.send(
                 frames.error(
@@ -637,6 +647,7 @@ class Session:
                 if off > part.size:
                     raise StoreError(f"partition {part.id} is longer than recorded")
                 await stream.put(frames.data(frame.rid, off - len(piece), piece, off == part.size))
+                self.svc.counters.download_bytes += len(piece)
             if off != part.size:
                 raise StoreError(f"partition {part.id} is shorter than recorded")
         finally:
