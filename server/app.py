@@ -13,7 +13,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
-from server import rest
+from server import gcpolicy, rest
 from server.auth import Auth
 from server.changes import FeedReader
 from server.db import create_pool
@@ -57,6 +57,7 @@ def create_app(settings: Settings) -> Starlette:
         lock_pool = await create_pool(url, min_size=1, max_size=settings.commit_concurrency)
         store = make_store(settings)
         janitor_task: asyncio.Task[None] | None = None
+        gc_task: asyncio.Task[None] | None = None
         hub = Hub(url)
         services: Services | None = None
         try:
@@ -93,11 +94,15 @@ def create_app(settings: Settings) -> Starlette:
             janitor = Janitor(settings, pool, store)
             app.state.janitor = janitor
             janitor_task = asyncio.create_task(janitor.run_forever(), name="janitor")
+            gc_task = asyncio.create_task(
+                gcpolicy.run(settings.gc_freeze_interval, settings.gc_full_interval), name="gc"
+            )
             yield
         finally:
-            if janitor_task:
-                janitor_task.cancel()
-                await asyncio.gather(janitor_task, return_exceptions=True)
+            for task in (janitor_task, gc_task):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await hub.close()
             if services is not None:
                 await services.uploads.close()

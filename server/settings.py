@@ -66,6 +66,16 @@ class Settings:
     presign_ttl: int = field(default=300, metadata=_h("presigned download URL lifetime, seconds"))
     hello_timeout: float = field(default=10.0, metadata=_h("seconds to wait for hello"))
     janitor_interval: float = field(default=60.0, metadata=_h("seconds between janitor runs"))
+    gc_freeze_interval: float = field(
+        default=2.0,
+        metadata=_h(
+            "seconds between moving live objects out of the garbage collector's sight (0: off)"
+        ),
+    )
+    gc_full_interval: float = field(
+        default=900.0,
+        metadata=_h("seconds between full garbage collections that include those objects"),
+    )
     orphan_grace: float = field(
         default=3600.0,
         metadata=_h("store objects without metadata are removed after this many seconds"),
