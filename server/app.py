@@ -105,6 +105,7 @@ def create_app(settings: Settings) -> Starlette:
                     await asyncio.gather(task, return_exceptions=True)
             await hub.close()
             if services is not None:
+                await services.feed.close()
                 await services.uploads.close()
             await store.close()
             await lock_pool.close()

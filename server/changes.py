@@ -8,11 +8,14 @@ each changed object once, in its latest state.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from typing import Any, Protocol
 
 import asyncpg
 
 from protocol.codec import encode
+
+log = logging.getLogger(__name__)
 
 BATCH = 500
 
@@ -79,6 +82,24 @@ def change_frame(change: dict[str, Any]) -> dict[str, Any]:
 EncodedChange = tuple[int, bytes]
 
 
+class PushTarget(Protocol):
+    """A session that asked ``FeedReader.push`` for the rows after its cursor."""
+
+    def pushed(self, after: int, changes: list[EncodedChange]) -> None: ...
+
+    def push_failed(self) -> None: ...
+
+
+class _Push:
+    """Sessions waiting for one read; joinable only until the read starts."""
+
+    __slots__ = ("started", "targets")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.targets: list[PushTarget] = []
+
+
 class FeedReader:
     """One read per (user, cursor), shared by every session waiting for those rows.
 
@@ -92,6 +113,8 @@ class FeedReader:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._flights: dict[tuple[int, int], asyncio.Task[list[EncodedChange]]] = {}
+        self._pushes: dict[tuple[int, int], _Push] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         #: Reads that went to the database (visible to tests and benchmarks).
         self.reads = 0
 
@@ -104,6 +127,44 @@ class FeedReader:
             flight.add_done_callback(lambda done: self._landed(key, done))
         # Shielded: one reader going away must not cancel the read for the others.
         return await asyncio.shield(flight)
+
+    def push(self, user: int, after: int, target: PushTarget) -> None:
+        """Read the rows after ``after`` and hand them to ``target`` (``pushed``),
+        without waking a task per session: the common case of a commit announced to
+        every idle session of its user. Joins only a read that has not started, so
+        the rows are read after the announcement and contain the announced change.
+        """
+        key = (user, after)
+        push = self._pushes.get(key)
+        if push is None:
+            push = self._pushes[key] = _Push()
+            task = asyncio.create_task(self._push(key, push))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        push.targets.append(target)
+
+    async def _push(self, key: tuple[int, int], push: _Push) -> None:
+        push.started = True
+        if self._pushes.get(key) is push:
+            del self._pushes[key]
+        try:
+            changes = await self._read(*key)
+        except asyncio.CancelledError:
+            for target in push.targets:
+                target.push_failed()
+            raise
+        except Exception as exc:
+            log.warning("feed read for user %s failed (%r); sessions read again", key[0], exc)
+            for target in push.targets:
+                target.push_failed()  # each session's own loop retries, with backoff
+            return
+        for target in push.targets:
+            target.pushed(key[1], changes)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _landed(self, key: tuple[int, int], flight: asyncio.Task[list[EncodedChange]]) -> None:
         if self._flights.get(key) is flight:

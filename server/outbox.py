@@ -72,6 +72,11 @@ class Outbox:
         self._depth = stream_depth
 
     @property
+    def has_room(self) -> bool:
+        """Fewer than ``high_water`` control frames are queued."""
+        return self._room.is_set()
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

@@ -122,6 +122,10 @@ class Session:
         #: The highest seq the hub announced; ``_stale``: it announced an unknown one.
         self._announced = 0
         self._stale = False
+        #: The feed loop is synced and waiting; ``_pushing``: a FeedReader.push for
+        #: this session is pending (the loop does not read meanwhile).
+        self._idle = False
+        self._pushing = False
         self._expires = 0.0
         self._expiry_task: asyncio.Task[None] | None = None
 
@@ -300,13 +304,43 @@ class Session:
             )
 
     def poke(self, seq: int | None) -> None:
-        """Called by the hub: changes up to ``seq`` (or unknown) may be waiting."""
+        """Called by the hub: changes up to ``seq`` (or unknown) may be waiting.
+
+        A synced, idle session is handed the rows by ``FeedReader.push`` with the
+        user's other sessions (no task wakes per session); otherwise its feed loop
+        reads them."""
         if seq is None:
             self._stale = True
             self._wanted.set()
         elif seq > self.last_sent:
             self._announced = max(self._announced, seq)
+            if self._pushing:
+                return  # ``pushed`` looks at ``_announced``
+            if self._idle and not self._wanted.is_set() and self.outbox.has_room:
+                self._pushing = True
+                self.svc.feed.push(self.user, self.last_sent, self)
+            else:
+                self._wanted.set()
+
+    def pushed(self, after: int, changes: list[tuple[int, bytes]]) -> None:
+        """The rows after ``after``, read for a poke. Sent only if the feed loop is
+        still idle at that cursor; else the loop reads (nothing goes out twice)."""
+        self._pushing = False
+        if self.outbox.closed:
+            return
+        if not self._idle or self._wanted.is_set() or self.last_sent != after:
             self._wanted.set()
+            return
+        for seq, message in changes:
+            self.outbox.send_encoded(message)
+            self.last_sent = seq
+        self.svc.counters.changes_sent += len(changes)
+        if len(changes) == FEED_BATCH or self.last_sent < self._announced:
+            self._wanted.set()  # more, or announced while the rows were read
+
+    def push_failed(self) -> None:
+        self._pushing = False
+        self._wanted.set()
 
     async def _feed_loop(self, cursor: int) -> None:
         """Send every change after ``cursor``, then ``synced``, then each new one.
@@ -359,7 +393,14 @@ class Session:
             if not synced:
                 self.outbox.send({"t": "synced", "cursor": self.last_sent})
                 synced = True
-            await self._wanted.wait()
+            self._idle = True
+            try:
+                await self._wanted.wait()
+            finally:
+                self._idle = False
+            while self._pushing:  # let a pending push land (it only sends if idle)
+                self._wanted.clear()
+                await self._wanted.wait()
 
     # ------------------------------------------------------------ dispatch
 

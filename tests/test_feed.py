@@ -138,3 +138,44 @@ async def test_a_shared_read_that_began_before_the_commit_is_not_the_last_word(s
         feed._read = original
     for client in (a, b, writer):
         await client.close()
+
+
+async def test_a_push_overtaken_by_the_sessions_own_read_is_sent_once(server, alice):
+    """An idle session is handed a commit's rows by a shared push read; if its own
+    feed loop wakes meanwhile (here: a listener-reconnect poke), the loop reads and
+    the push must not send the same rows again."""
+    b = await SyncClient.connect(server.ws, alice["access"], device="b")
+    writer = await SyncClient.connect(server.ws, alice["access"], device="w")
+    feed = server.services.feed
+    original = feed._read
+    slow = asyncio.Event()
+
+    async def read_slowly(user: int, after: int):
+        rows = await original(user, after)
+        if slow.is_set():
+            slow.clear()
+            await asyncio.sleep(0.8)  # the push is pending this long
+        return rows
+
+    async def arm() -> None:
+        feed._read = read_slowly
+        slow.set()
+
+    async def wake_bs_loop() -> None:
+        _sessions(server, b.welcome["user"])["b"].poke(None)
+
+    await asyncio.to_thread(server.call, arm)
+    try:
+        done = await writer.push([b"once"])
+        await asyncio.sleep(0.2)  # the push read for b (and w) is in flight
+        await asyncio.to_thread(server.call, wake_bs_loop)
+        change = await next_change(b, timeout=5)
+        assert change["seq"] == done["seq"]
+        await asyncio.sleep(1.0)  # the push lands after the loop's own read
+        assert (await b.request({"t": "ping"}))["t"] == "pong"
+        again = [f for f in b.buffer if f["t"] == "change" and f["seq"] == done["seq"]]
+        assert not again, f"sent twice: {again}"
+    finally:
+        feed._read = original
+    for client in (b, writer):
+        await client.close()
