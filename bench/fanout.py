@@ -99,6 +99,11 @@ def measure(receivers: int, rounds: int, n_workers: int) -> dict[str, Any]:
                 "p50": percentile(lat, 50),
                 "first": min(lat) if lat else float("nan"),
                 "commit_ms": (at - sent) * 1000,
+                # From the commit frame leaving the committer: never negative, and an
+                # upper bound (it includes the commit itself).
+                "last_from_sent": max((t - sent) * 1000 for t in arrivals[seq])
+                if arrivals[seq]
+                else float("nan"),
             }
         )
     lasts = [r["last"] for r in per_round]
@@ -106,6 +111,7 @@ def measure(receivers: int, rounds: int, n_workers: int) -> dict[str, Any]:
         "receivers": receivers,
         "rounds": per_round,
         "worst_last": max(lasts),
+        "worst_from_sent": max(r["last_from_sent"] for r in per_round),
         "median_last": statistics.median(lasts),
         "median_p50": statistics.median(r["p50"] for r in per_round),
         "median_commit": statistics.median(r["commit_ms"] for r in per_round),
@@ -130,7 +136,23 @@ def run(smoke: bool = False) -> list[Result]:
     if r["lost"]:
         note += f"; {r['lost']} deliveries missing after 30 s"
     ok = r["lost"] == 0
+    # The push goes out as the commit's transaction ends; the committer's own
+    # `committed` reply follows its unlock, so devices often have the change first
+    # and "committed -> last" is near zero or negative. Hence also the bound from
+    # the moment the commit was sent.
+    note += "; a negative latency is a delivery that overtook the committer's `committed` reply"
     return [
+        Result(
+            benchmark="fan-out: commit sent -> last of 1,000 devices, worst round",
+            figure=r["worst_from_sent"],
+            unit="ms",
+            target="last delivery <= 250 ms",
+            met=ok and r["worst_from_sent"] <= 250,
+            settings=settings,
+            notes=f"includes the commit itself (median sent -> committed "
+            f"{r['median_commit']:.1f} ms)",
+            extra={"lost": float(r["lost"])},
+        ),
         Result(
             benchmark="fan-out: committed -> last of 1,000 devices, worst round",
             figure=r["worst_last"],
