@@ -438,6 +438,14 @@ async def changes(request: Request) -> Response:
     since = _int_param(request, "since", 0)
     limit = _int_param(request, "limit", 500, 1, 1000)
     wait = _float_param(request, "wait", 0.0, 0.0, svc.settings.long_poll_max)
+    cap = svc.settings.max_long_polls
+    if wait > 0 and svc.hub.count(claims.user, _Waiter) >= cap:
+        # Each waiting poll holds a request and a subscription: bounded per user.
+        raise ApiError(
+            ErrorCode.RATE_LIMITED,
+            f"at most {cap} long-polls at once",
+            {"Retry-After": "1"},
+        )
     waiter = _Waiter()
     svc.hub.subscribe(claims.user, waiter)  # before the read: no change slips between
     try:

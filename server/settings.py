@@ -111,6 +111,9 @@ class Settings:
     long_poll_max: float = field(
         default=60.0, metadata=_h("longest wait= accepted by GET /v1/changes, seconds")
     )
+    max_long_polls: int = field(
+        default=16, metadata=_h("waiting GET /v1/changes per user on one node (429 beyond)")
+    )
     login_max_failures: int = field(
         default=10, metadata=_h("failed logins per account and per address per window (429)")
     )

@@ -266,3 +266,25 @@ async def test_a_session_beyond_the_per_user_cap_is_refused(make_server):
     assert refused.value.rcvd is not None and refused.value.rcvd.code == 4429
     assert (await first.request({"t": "ping"}))["t"] == "pong"
     await first.close()
+
+
+async def test_long_polls_per_user_are_capped(make_server):
+    """Parked GET /v1/changes requests are bounded per user: one more gets 429, a
+    poll without wait= is never refused, and a freed slot can be used again."""
+    server = make_server(max_long_polls=2)
+    tokens = await register_login(server.http, unique("poller"))
+    auth = {"Authorization": f"Bearer {tokens['access']}"}
+    async with httpx.AsyncClient(base_url=server.http, headers=auth, timeout=30) as http:
+        parked = [
+            asyncio.create_task(http.get("/v1/changes", params={"since": 0, "wait": 2}))
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.5)
+        r = await http.get("/v1/changes", params={"since": 0, "wait": 2})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert "retry-after" in r.headers
+        assert (await http.get("/v1/changes", params={"since": 0})).status_code == 200
+        for task in parked:
+            assert (await task).status_code == 200
+        r = await http.get("/v1/changes", params={"since": 0, "wait": 0.2})
+        assert r.status_code == 200
