@@ -482,7 +482,7 @@ def main() -> None:
 
 
 class WorkerError(RuntimeError):
-    pass
+    """A load-generator worker process failed or said something unexpected."""
 
 
 class Worker:

@@ -75,7 +75,7 @@ META = {"name": b"n" * 48, "mtime": b"m" * 28, "key": b"k" * 60, "salt": b"s" * 
 
 
 class BenchError(RuntimeError):
-    pass
+    """The benchmark could not measure (a refused frame, a timeout)."""
 
 
 def payload_for(smoke: bool, parts: int = FULL_PARTS) -> Payload:

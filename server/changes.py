@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from protocol.codec import encode
+from server.objects import object_map
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +42,12 @@ LIMIT $3"""
 
 
 def _change(row: asyncpg.Record) -> dict[str, Any]:
-    ids = row["ids"] or []
-    return {
-        "object": row["id"],
-        "kind": row["kind"],
-        "status": row["status"],
-        "rev": row["rev"],
-        "size": row["size"],
-        "seq": row["seq"],
-        "origin": row["origin"],
-        "meta": {
-            "name": bytes(row["enc_name"]),
-            "mtime": bytes(row["enc_mtime"]),
-            "key": bytes(row["enc_key"]),
-            "salt": bytes(row["salt"]),
-        },
-        "parts": [
-            {"id": pid, "size": size, "sha256": bytes(sha), "key": bytes(key), "salt": bytes(salt)}
-            for pid, size, sha, key, salt in zip(
-                ids, row["sizes"], row["hashes"], row["keys"], row["salts"], strict=True
-            )
-        ]
-        if ids
-        else [],
-    }
+    """A feed row as the protocol shows it; its parts came as parallel arrays."""
+    if not row["ids"]:  # deleted, a directory, or an empty file
+        return object_map(row, [])
+    columns = ("id", "size", "sha256", "enc_key", "salt")
+    arrays = (row["ids"], row["sizes"], row["hashes"], row["keys"], row["salts"])
+    return object_map(row, [dict(zip(columns, p, strict=True)) for p in zip(*arrays, strict=True)])
 
 
 async def read_changes(

@@ -642,17 +642,17 @@ async def put_part(request: Request) -> Response:
             pending += piece
             svc.counters.upload_bytes += len(piece)
             if len(pending) >= SPOOL_PIECE:
-                await asyncio.to_thread(writer.write_blocking, bytes(pending))
+                await writer.call(writer.write_blocking, bytes(pending))
                 pending.clear()
         if pending:
-            await asyncio.to_thread(writer.write_blocking, bytes(pending))
+            await writer.call(writer.write_blocking, bytes(pending))
         if writer.accepted < size:
             raise ApiError(
                 ErrorCode.BAD_FRAME, f"part {index} is {size} bytes, got {writer.accepted}"
             )
         await svc.uploads.store_part(record, writer)
     finally:
-        await asyncio.to_thread(writer.discard_blocking)
+        await writer.call(writer.discard_blocking)
     return reply({"upload": upload_id, "part": index, "stored": True})
 
 

@@ -188,7 +188,7 @@ class Session:
             await asyncio.wait(self._finishing, timeout=30)
         for writer in list(self.writers.values()):
             if not writer.storing:  # incomplete, or complete but never handed on
-                await asyncio.to_thread(writer.discard_blocking)
+                await writer.call(writer.discard_blocking)
         if self.ws.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close(code, reason[:120])
@@ -331,12 +331,15 @@ class Session:
         if not self._idle or self._wanted.is_set() or self.last_sent != after:
             self._wanted.set()
             return
+        self._send_changes(changes)
+        if len(changes) == FEED_BATCH or self.last_sent < self._announced:
+            self._wanted.set()  # more, or announced while the rows were read
+
+    def _send_changes(self, changes: list[tuple[int, bytes]]) -> None:
         for seq, message in changes:
             self.outbox.send_encoded(message)
             self.last_sent = seq
         self.svc.counters.changes_sent += len(changes)
-        if len(changes) == FEED_BATCH or self.last_sent < self._announced:
-            self._wanted.set()  # more, or announced while the rows were read
 
     def push_failed(self) -> None:
         self._pushing = False
@@ -370,10 +373,7 @@ class Session:
                         )
                     was_fresh, fresh = fresh, False
                     changes = await self.svc.feed.read(self.user, self.last_sent, fresh=was_fresh)
-                    for seq, message in changes:
-                        self.outbox.send_encoded(message)
-                        self.last_sent = seq
-                    self.svc.counters.changes_sent += len(changes)
+                    self._send_changes(changes)
                     if len(changes) == FEED_BATCH:
                         continue
                     # A fresh read saw every announced commit (a row since purged
@@ -587,19 +587,13 @@ class Session:
                 match op:
                     case _Write(_, data):
                         try:
-                            if writer.in_memory:
-                                writer.write_blocking(data)
-                            else:
-                                await asyncio.to_thread(writer.write_blocking, data)
+                            await writer.call(writer.write_blocking, data)
                         except (OSError, ValueError):
                             log.exception("session %s: spool write failed", self.id)
                             self._fail_part(writer, ErrorCode.UNAVAILABLE, "server disk error")
                         self._release(len(data))
                     case _Discard(_):
-                        if writer.in_memory:
-                            writer.discard_blocking()
-                        else:
-                            await asyncio.to_thread(writer.discard_blocking)
+                        await writer.call(writer.discard_blocking)
                         return
                     case _Finish(record, _):
                         if not writer.discarded:

@@ -19,7 +19,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import asyncpg
 
@@ -31,6 +31,7 @@ from server.settings import Settings
 from server.stores import BlobNotFound, BlobStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _Fail = Callable[..., RequestError]
 
@@ -104,6 +105,13 @@ class PartWriter:
             name = f"{self.upload}.{self.index}.{secrets.token_hex(4)}.part"
             self._path = self._spool_dir / name
         return self._path
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run one of the ``*_blocking`` methods: inline for an in-memory part (cheaper
+        than a thread hop), in a worker thread for a spooled one."""
+        if self.in_memory:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
 
     @property
     def data(self) -> bytes:
@@ -362,10 +370,7 @@ class Uploads:
         """
         key = keys.staging_key(rec.user, rec.id, writer.index)
         try:
-            if writer.in_memory:
-                matched = writer.finish_blocking()
-            else:
-                matched = await asyncio.to_thread(writer.finish_blocking)
+            matched = await writer.call(writer.finish_blocking)
             if not matched:
                 raise RequestError(
                     ErrorCode.HASH_MISMATCH,
@@ -378,10 +383,7 @@ class Uploads:
             else:
                 await self.store.put_file(key, writer.path, writer.size, move=True)
         finally:
-            if writer.in_memory:
-                writer.discard_blocking()
-            else:
-                await asyncio.to_thread(writer.discard_blocking)
+            await writer.call(writer.discard_blocking)
         # Separate statements, each committed on its own: one statement locking the
         # part row and then the upload row deadlocked against abort, whose cascade
         # locks them the other way round.
