@@ -331,6 +331,7 @@ class Uploads:
         async with self.lock_pool.acquire() as conn:
             # Serialised with commit: an abort never pulls staging from under one.
             await _lock(conn, upload_id)
+            task: asyncio.Task[None] | None = None
             try:
                 async with conn.transaction():
                     received = await conn.fetch(
@@ -353,6 +354,12 @@ class Uploads:
                     if deleted
                     else []
                 )
+            except BaseException:
+                # Cut off (e.g. while its COMMIT was answered): the row may be gone
+                # all the same. Find out later and delete what is staged if so.
+                if task is None:
+                    self._spawn(self._settle_abort(user, upload_id))
+                raise
             finally:
                 await _unlock(conn, upload_id)
         if not deleted:
@@ -663,6 +670,19 @@ class Uploads:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def _settle_abort(self, user: int, upload_id: str) -> None:
+        """After an abort was cut off: if its upload is gone, so go its staged parts."""
+        await asyncio.sleep(0.5)  # a COMMIT already sent lands meanwhile
+        try:
+            async with asyncio.timeout(10):
+                if await self.pool.fetchval("SELECT 1 FROM uploads WHERE id = $1", upload_id):
+                    return  # still there: the abort did not happen
+                prefix = keys.staging_prefix(user, upload_id)
+                staged = [info.key async for info in self.store.list(prefix)]
+        except Exception:
+            return  # the janitor's staging sweep removes them
+        await self._delete_quietly(staged)
 
     async def _settle(self, user: int, upload_id: str) -> None:
         """After a commit was cut off or stalled: if it committed after all, delete
