@@ -13,7 +13,7 @@ import uvicorn
 
 from server.app import create_app, database_url
 from server.db import create_pool
-from server.memory import fix_mmap_threshold
+from server.memory import tune_malloc
 from server.migrate import migrate
 from server.settings import Settings, add_arguments
 
@@ -51,7 +51,7 @@ class _Server(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
-    fix_mmap_threshold()  # this process only; see server/memory.py
+    tune_malloc()  # this process only; see server/memory.py
     config = uvicorn_config(settings)
     server = _Server(config)
 
