@@ -60,3 +60,32 @@ def decode(message: bytes, max_frame: int) -> dict[str, Any]:
     if not isinstance(t, str):
         raise FrameError("frame lacks a string 't'")
     return obj
+
+
+#: Room to leave in front of a payload for :func:`data_head` (its longest result is 49).
+DATA_HEAD_ROOM = 64
+
+
+def data_head(rid: int, off: int, size: int, end: bool) -> bytes:
+    """A ``data`` frame up to its payload of ``size`` bytes, ``data`` last.
+
+    ``data_head(...) + payload`` decodes to ``frames.data(rid, off, payload, end)``;
+    the server reads the payload into a buffer straight behind this head, instead
+    of having msgpack copy each 1 MiB chunk once more.
+    """
+    head = bytearray([0x80 | (5 if end else 4)])
+    head += msgpack.packb("t") + msgpack.packb("data")
+    head += msgpack.packb("rid") + msgpack.packb(rid)
+    head += msgpack.packb("off") + msgpack.packb(off)
+    if end:
+        head += msgpack.packb("end") + msgpack.packb(True)
+    head += msgpack.packb("data") + _bin_header(size)
+    return bytes(head)
+
+
+def _bin_header(size: int) -> bytes:
+    if size < 0x100:
+        return bytes([0xC4, size])
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")

@@ -17,6 +17,9 @@ from typing import Any
 
 from protocol.codec import encode
 
+#: An encoded frame: bytes, or a view of a buffer that holds one (a download's data).
+Message = bytes | memoryview
+
 
 class OutboxClosed(Exception):
     """The session is gone; nothing more can be sent."""
@@ -25,14 +28,17 @@ class OutboxClosed(Exception):
 class DataStream:
     def __init__(self, outbox: Outbox, depth: int) -> None:
         self._outbox = outbox
-        self._frames: deque[bytes] = deque()
+        self._frames: deque[Message] = deque()
         self._depth = depth
         self._space = asyncio.Event()
         self._space.set()
 
     async def put(self, frame: dict[str, Any]) -> None:
         """Queue one data frame, waiting while the stream already holds ``depth``."""
-        message = encode(frame)
+        await self.put_message(encode(frame))
+
+    async def put_message(self, message: Message) -> None:
+        """``put`` for a frame already encoded."""
         while len(self._frames) >= self._depth:
             self._space.clear()
             await self._space.wait()
@@ -42,7 +48,7 @@ class DataStream:
         if len(self._frames) == 1:
             self._outbox.ready(self)
 
-    def take(self) -> tuple[bytes, bool]:
+    def take(self) -> tuple[Message, bool]:
         """Pop the next frame; the flag says whether more are waiting."""
         message = self._frames.popleft()
         self._space.set()
@@ -55,7 +61,7 @@ class DataStream:
 class Outbox:
     def __init__(
         self,
-        send: Callable[[bytes], Awaitable[None]],
+        send: Callable[[Message], Awaitable[None]],
         stream_depth: int = 2,
         high_water: int = 1024,
     ) -> None:

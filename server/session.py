@@ -26,7 +26,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from protocol import frames
-from protocol.codec import encode
+from protocol.codec import DATA_HEAD_ROOM, data_head, encode
 from protocol.connection import ServerConnection
 from protocol.errors import CloseCode, ErrorCode, ProtocolViolation, RequestError
 from protocol.frames import (
@@ -47,7 +47,7 @@ from protocol.ratelimit import TokenBucket
 from server.auth import AuthError
 from server.changes import BATCH as FEED_BATCH
 from server.db import TRANSIENT_DB_ERRORS
-from server.outbox import Outbox, OutboxClosed
+from server.outbox import Message, Outbox, OutboxClosed
 from server.services import Services
 from server.stores import BlobNotFound, StoreError
 from server.uploads import PartWriter, UploadRecord
@@ -129,8 +129,10 @@ class Session:
         self._expires = 0.0
         self._expiry_task: asyncio.Task[None] | None = None
 
-    async def _send_bytes(self, message: bytes) -> None:
-        await self.ws.send_bytes(message)
+    async def _send_bytes(self, message: Message) -> None:
+        # Not send_bytes (typed bytes): a download's data frame is a memoryview,
+        # which uvicorn hands to websockets, whose frame serializer copies it.
+        await self.ws.send({"type": "websocket.send", "bytes": message})
 
     # ------------------------------------------------------------ lifecycle
 
@@ -677,12 +679,19 @@ class Session:
                 await stream.put(frames.data(frame.rid, off, b"", end=True))
                 return
             step = self.conn.limits.max_chunk
-            async for piece in self.svc.store.read(part.store_key, off, chunk_size=step):
-                off += len(piece)
+            room = DATA_HEAD_ROOM
+            chunks = self.svc.store.read_with_room(part.store_key, off, None, step, room)
+            async for buf in chunks:
+                size = len(buf) - room
+                off += size
                 if off > part.size:
                     raise StoreError(f"partition {part.id} is longer than recorded")
-                await stream.put(frames.data(frame.rid, off - len(piece), piece, off == part.size))
-                self.svc.counters.download_bytes += len(piece)
+                # The head goes into the spare room just before the data: no copy.
+                head = data_head(frame.rid, off - size, size, off == part.size)
+                start = room - len(head)
+                buf[start:room] = head
+                await stream.put_message(memoryview(buf)[start:])
+                self.svc.counters.download_bytes += size
             if off != part.size:
                 raise StoreError(f"partition {part.id} is shorter than recorded")
         finally:

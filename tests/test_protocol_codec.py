@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.codec import decode, encode
+from protocol import frames
+from protocol.codec import DATA_HEAD_ROOM, data_head, decode, encode
 from protocol.errors import CloseCode, FrameError, ProtocolError, ProtocolViolation
 
 MAX_FRAME = 64 * 1024
@@ -259,3 +260,25 @@ _values = st.recursive(
 def test_encode_decode_round_trip_property(t: str, body: dict) -> None:
     frame = {"t": t, **body}
     assert decode(encode(frame), len(encode(frame))) == frame
+
+
+# ------------------------------------------------------------------ data head
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rid=st.integers(0, 2**63 - 1),
+    off=st.integers(0, 2**63 - 1),
+    size=st.sampled_from([0, 1, 255, 256, 65535, 65536, 1 << 20]),
+    end=st.booleans(),
+)
+def test_data_head_plus_payload_is_the_data_frame(rid: int, off: int, size: int, end: bool) -> None:
+    payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    head = data_head(rid, off, size, end)
+    assert len(head) <= DATA_HEAD_ROOM
+    assert decode(head + payload, 2 << 20) == frames.data(rid, off, payload, end)
+
+
+def test_data_head_without_its_payload_is_not_a_frame() -> None:
+    with pytest.raises(FrameError):
+        decode(data_head(1, 0, 10, False) + b"short", 1 << 20)

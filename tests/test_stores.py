@@ -129,6 +129,22 @@ async def test_read_ranges(store: BlobStore) -> None:
         assert got == data[offset:end], (offset, length)
 
 
+@pytest.mark.parametrize("size", [0, 1, 70_000, 5 * MiB + 3])
+async def test_read_with_room_leaves_the_room_and_whole_chunks(store: BlobStore, size: int) -> None:
+    data = os.urandom(size)
+    key = f"partitions/u1/room{size}"
+    await store.put_bytes(key, data)
+    room, chunk_size = 48, 64 * 1024
+    for offset, length in [(0, None), (123, None), (5000, 70_000), (size, None)]:
+        got = [c async for c in store.read_with_room(key, offset, length, chunk_size, room)]
+        assert all(isinstance(c, bytearray) and len(c) > room for c in got)
+        sizes = [len(c) - room for c in got]
+        assert all(n == chunk_size for n in sizes[:-1]), "whole chunks, but the last"
+        assert all(0 < n <= chunk_size for n in sizes)
+        end = None if length is None else offset + length
+        assert b"".join(bytes(c[room:]) for c in got) == data[offset:end], (offset, length)
+
+
 async def test_read_range_of_empty_object(store: BlobStore) -> None:
     await store.put_bytes("staging/u/e/0", b"")
     assert await read_all(store, "staging/u/e/0") == b""

@@ -60,6 +60,13 @@ class BlobStore(Protocol):
         """Stream bytes ``[offset, offset+length)``; raises BlobNotFound when missing."""
         ...
 
+    def read_with_room(
+        self, key: str, offset: int, length: int | None, chunk_size: int, room: int
+    ) -> AsyncIterator[bytearray]:
+        """``read``, but each chunk is a bytearray whose first ``room`` bytes are
+        spare: a frame head goes there without copying the chunk once more."""
+        ...
+
     async def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
 

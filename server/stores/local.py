@@ -15,11 +15,12 @@ import secrets
 import stat as stat_mode
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from server.stores.base import AREAS, BlobInfo, BlobNotFound, StoreError
 
 _COPY_BUFFER = 1 << 20
+T = TypeVar("T", bytes, bytearray)
 _MKDIR_ATTEMPTS = 8  # a concurrent delete may prune the directory we just made
 
 
@@ -154,6 +155,19 @@ def _link_atomic(src: Path, dest: Path) -> None:
         _fsync_dir(dest.parent)
         return
     raise StoreError(f"could not create a link in {dest.parent}")
+
+
+def _read_bytes(f: BinaryIO, want: int) -> bytes:
+    """Up to ``want`` bytes: an unbuffered file may return fewer, so read until full."""
+    data = f.read(want)
+    if not data or len(data) == want:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < want and (more := f.read(want - got)):
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def _copy_stream(src: io.BufferedReader, out: BinaryIO) -> int:
@@ -299,13 +313,40 @@ class LocalStore:
             return None
         return BlobInfo(key=key, size=st.st_size, mtime=st.st_mtime)
 
-    async def read(
+    def read(
         self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
     ) -> AsyncIterator[bytes]:
+        return self._read(key, offset, length, chunk_size, _read_bytes)
+
+    def read_with_room(
+        self, key: str, offset: int, length: int | None, chunk_size: int, room: int
+    ) -> AsyncIterator[bytearray]:
+        def fill(f: BinaryIO, want: int) -> bytearray:
+            buf = bytearray(room + want)
+            view, got = memoryview(buf), 0
+            while got < want and (n := f.readinto(view[room + got :])):
+                got += n
+            view.release()
+            if got < want:
+                del buf[room + got :]
+            return buf
+
+        return self._read(key, offset, length, chunk_size, fill, room)
+
+    async def _read(
+        self,
+        key: str,
+        offset: int,
+        length: int | None,
+        chunk_size: int,
+        fill: Callable[[BinaryIO, int], T],
+        room: int = 0,
+    ) -> AsyncIterator[T]:
+        """Chunks of the file, each read by ``fill`` in a worker thread."""
         path = self._path(key)
         check_range(offset, length, chunk_size)
         try:
-            f = await asyncio.to_thread(open, path, "rb")
+            f = await asyncio.to_thread(open, path, "rb", buffering=0)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise BlobNotFound(key) from None
         except OSError as exc:
@@ -316,11 +357,12 @@ class LocalStore:
             remaining = length
             while remaining is None or remaining > 0:
                 want = chunk_size if remaining is None else min(chunk_size, remaining)
-                chunk = await asyncio.to_thread(f.read, want)
-                if not chunk:
+                chunk = await asyncio.to_thread(fill, f, want)
+                got = len(chunk) - room  # type: ignore[arg-type]
+                if got <= 0:
                     break
                 if remaining is not None:
-                    remaining -= len(chunk)
+                    remaining -= got
                 yield chunk
         finally:
             await asyncio.to_thread(f.close)

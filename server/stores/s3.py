@@ -213,6 +213,12 @@ class S3Store:
     async def read(
         self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
     ) -> AsyncIterator[bytes]:
+        async for chunk in self.read_with_room(key, offset, length, chunk_size, 0):
+            yield bytes(chunk)
+
+    async def read_with_room(
+        self, key: str, offset: int, length: int | None, chunk_size: int, room: int
+    ) -> AsyncIterator[bytearray]:
         bucket, name = self._locate(key)
         check_range(offset, length, chunk_size)
         if length == 0:
@@ -236,14 +242,19 @@ class S3Store:
             with _translate(key):
                 # Whole pieces of chunk_size (the network hands out smaller ones):
                 # a download becomes few large frames rather than many small ones.
-                pending = bytearray()
-                async for chunk in resp.content.iter_chunked(chunk_size):
-                    pending += chunk
-                    while len(pending) >= chunk_size:
-                        yield bytes(pending[:chunk_size])
-                        del pending[:chunk_size]
-                if pending:
-                    yield bytes(pending)
+                # Each network piece is copied once, into the chunk it belongs to.
+                full = room + chunk_size
+                pending = bytearray(room)
+                async for piece in resp.content.iter_chunked(chunk_size):
+                    pending += piece
+                    while len(pending) >= full:
+                        rest = bytearray(room)
+                        rest += memoryview(pending)[full:]
+                        del pending[full:]
+                        yield pending
+                        pending = rest
+                if len(pending) > room:
+                    yield pending
         finally:
             # release() reuses the connection when the body was drained, closes it if not.
             resp.release()
