@@ -245,7 +245,7 @@ class S3Store:
                 # Each network piece is copied once, into the chunk it belongs to.
                 full = room + chunk_size
                 pending = bytearray(room)
-                async for piece in resp.content.iter_chunked(chunk_size):
+                async for piece in resp.content.iter_any():
                     pending += piece
                     while len(pending) >= full:
                         rest = bytearray(room)
