@@ -54,8 +54,6 @@ from server.uploads import PartWriter, UploadRecord
 
 log = logging.getLogger(__name__)
 
-#: Complete parts one session stores at once (each may be held in memory by S3).
-STORING_PARTS = 2
 #: Seconds before the access token lapses at which ``expiring`` is sent.
 EXPIRY_WARNING = 60.0
 
@@ -106,7 +104,7 @@ class Session:
         self._finishing: set[asyncio.Task[None]] = set()
         self._gets: set[asyncio.Task[None]] = set()
         self._settled = asyncio.Event()
-        self._storing = asyncio.Semaphore(STORING_PARTS)
+        self._storing = asyncio.Semaphore(services.store.parallel_puts)
         self._wanted = asyncio.Event()
         #: Resolved (with an exception) to end the session from outside: revocation.
         self._kill: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 
-from tests.support.client import SyncClient
+from tests.conftest import unique
+from tests.support.client import SyncClient, register_login
 
 
 async def test_chunks_after_a_complete_part_are_refused_and_nothing_breaks(server, alice):
@@ -60,4 +63,46 @@ async def test_many_concurrent_commits_finish(server, alice):
     replies = [await client.wait_for(lambda f, r=rid: f.get("rid") == r, 30) for rid in rids]
     assert [r["t"] for r in replies] == ["committed"] * 30
     assert len({r["object"] for r in replies}) == 30
+    await client.close()
+
+
+async def test_a_sessions_parts_are_stored_side_by_side_up_to_the_stores_bound(
+    make_server, store_kind, monkeypatch
+):
+    """LocalStore puts are renames and fsyncs: a session stores several parts at once
+    (with two at a time, a 1 GiB upload's parts queued for up to 1.2 s). S3 puts hold
+    a part in memory: at most ``parallel_puts`` (2) at once."""
+    server = make_server(store_kind)
+    store = server.services.store
+    put_file = store.put_file
+    now, most = 0, 0
+    company: asyncio.Event | None = None  # made in the server's loop, on first use
+
+    async def gated(*args, **kwargs):
+        nonlocal now, most, company
+        company = company or asyncio.Event()
+        now += 1
+        most = max(most, now)
+        if now >= 4:
+            company.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await company.wait()
+            await put_file(*args, **kwargs)
+        finally:
+            now -= 1
+
+    monkeypatch.setattr(store, "put_file", gated)
+    tokens = await register_login(server.http, unique("parallel"))
+    client = await SyncClient.connect(server.ws, tokens["access"])
+    parts = [os.urandom(100_000) for _ in range(6)]  # spooled: above the in-memory size
+    ok = await client.start_upload(parts)
+    await client.send_parts(ok["upload"], parts)
+    done = await client.request({"t": "commit", "upload": ok["upload"]})
+    assert done["t"] == "committed", done
+    if store_kind == "local":
+        assert most >= 4
+    else:
+        assert most == store.parallel_puts == 2
     await client.close()

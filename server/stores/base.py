@@ -31,6 +31,11 @@ class BlobInfo:
 
 
 class BlobStore(Protocol):
+    #: Parts one session may be storing at once. Where a put holds the part in
+    #: memory (S3) this bounds the memory; where it is a rename it only keeps
+    #: fsyncs from queueing behind each other.
+    parallel_puts: int
+
     async def start(self) -> None:
         """Connect, create buckets/directories if configured to."""
 

@@ -226,6 +226,10 @@ def _copy_stream(src: io.BufferedReader, out: BinaryIO) -> int:
 class LocalStore:
     """Objects are plain files at ``root/<key>``."""
 
+    #: A put is a rename and two fsyncs, holding nothing in memory. With 2 at a
+    #: time (the S3 bound) a 1 GiB upload's parts waited up to 1.2 s for their turn.
+    parallel_puts = 8
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 

@@ -55,6 +55,9 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class S3Store:
+    #: Each put holds up to one part (PART_SIZE) in memory.
+    parallel_puts = 2
+
     def __init__(
         self,
         endpoint: str,
