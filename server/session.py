@@ -211,7 +211,7 @@ class Session:
             except TimeoutError:
                 raise ProtocolViolation("idle for too long", CloseCode.HELLO_TIMEOUT) from None
             except RequestError as exc:  # unknown type, oversize field: answer and go on
-                self.outbox.send(frames.error_from(exc))
+                self._send_error(frames.error_from(exc))
                 continue
             if not await self._within_rates(frame, loop.time()):
                 continue
@@ -227,7 +227,7 @@ class Session:
         if not self._frame_budget.try_take(1, now):
             rid = getattr(frame, "rid", None)
             if rid is not None:
-                self.outbox.send(
+                self._send_error(
                     frames.error(ErrorCode.RATE_LIMITED, "too many frames; slow down", rid=rid)
                 )
                 return False
@@ -285,7 +285,7 @@ class Session:
             await asyncio.sleep(remaining - EXPIRY_WARNING)
         self.outbox.send(frames.expiring(max(0, int(self._expires - time.time()))))
         await asyncio.sleep(max(0.0, self._expires - time.time()))
-        self.outbox.send(frames.error(ErrorCode.UNAUTHORIZED, "access token expired"))
+        self._send_error(frames.error(ErrorCode.UNAUTHORIZED, "access token expired"))
         await self.outbox.flush(1.0)
         with contextlib.suppress(Exception):
             await self.ws.close(CloseCode.UNAUTHORIZED, "access token expired")
@@ -434,7 +434,7 @@ class Session:
     def _spawn(self, rid: int | None, work: Awaitable[dict[str, Any] | None]) -> None:
         if len(self._requests) >= self.settings.max_requests:
             _close_awaitable(work)
-            self.outbox.send(
+            self._send_error(
                 frames.error(ErrorCode.RATE_LIMITED, "too many requests in flight", rid=rid)
             )
             return
@@ -461,10 +461,15 @@ class Session:
         except Exception:
             log.exception("session %s: request failed", self.id)
             reply = frames.error(ErrorCode.INTERNAL, "internal error", rid=rid)
-        if reply is not None:
-            if reply.get("t") == "error":
-                self.svc.counters.error("ws", str(reply.get("code")))
+        if reply is not None and reply["t"] == "error":
+            self._send_error(reply)
+        elif reply is not None:
             self.outbox.send(reply)
+
+    def _send_error(self, frame: dict[str, Any]) -> None:
+        """Every error frame of the session goes out here, so /metrics counts each."""
+        self.svc.counters.error("ws", str(frame["code"]))
+        self.outbox.send(frame)
 
     # -------------------------------------------------------------- uploads
 
@@ -528,8 +533,7 @@ class Session:
 
         def refuse(code: ErrorCode, msg: str, **extra: Any) -> None:
             self._release(size)
-            self.svc.counters.error("ws", code.value)
-            self.outbox.send(frames.error(code, msg, upload=chunk.upload, part=chunk.part, **extra))
+            self._send_error(frames.error(code, msg, upload=chunk.upload, part=chunk.part, **extra))
 
         if record is None:
             return refuse(ErrorCode.NOT_FOUND, "no such upload on this session (upload or resume)")
@@ -620,7 +624,7 @@ class Session:
 
     def _fail_part(self, writer: PartWriter, code: ErrorCode, msg: str) -> None:
         self._drop_writer(writer)
-        self.outbox.send(frames.error(code, msg, upload=writer.upload, part=writer.index))
+        self._send_error(frames.error(code, msg, upload=writer.upload, part=writer.index))
 
     async def _finish(self, record: UploadRecord, writer: PartWriter) -> None:
         key = (writer.upload, writer.index)
@@ -630,12 +634,10 @@ class Session:
                 await self.svc.uploads.store_part(record, writer)
             self.outbox.send(frames.part_ok(writer.upload, writer.index))
         except RequestError as exc:
-            self.svc.counters.error("ws", exc.code.value)
-            self.outbox.send(frames.error_from(exc))
+            self._send_error(frames.error_from(exc))
         except Exception as exc:
-            self.svc.counters.error("ws", ErrorCode.UNAVAILABLE.value)
             log.warning("session %s: storing part failed: %s", self.id, exc)
-            self.outbox.send(
+            self._send_error(
                 frames.error(
                     ErrorCode.UNAVAILABLE,
                     "could not store the part; send it again",
@@ -652,7 +654,7 @@ class Session:
 
     def _start_get(self, frame: Get) -> None:
         if len(self._gets) >= self.settings.max_gets:
-            self.outbox.send(
+            self._send_error(
                 frames.error(
                     ErrorCode.RATE_LIMITED,
                     f"at most {self.settings.max_gets} downloads at once",
