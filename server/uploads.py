@@ -358,7 +358,7 @@ class Uploads:
                 # Cut off (e.g. while its COMMIT was answered): the row may be gone
                 # all the same. Find out later and delete what is staged if so.
                 if task is None:
-                    self._spawn(self._settle_abort(user, upload_id))
+                    self._spawn(self._settle(user, upload_id))
                 raise
             finally:
                 await _unlock(conn, upload_id)
@@ -671,36 +671,25 @@ class Uploads:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _settle_abort(self, user: int, upload_id: str) -> None:
-        """After an abort was cut off: if its upload is gone, so go its staged parts."""
+    async def _settle(self, user: int, upload_id: str) -> None:
+        """After a commit or an abort was cut off or stalled: once its outcome has
+        landed, delete the staged parts if nothing needs them any more, that is if
+        the upload committed (its partition copies are in use) or is gone (aborted).
+        An open upload keeps them, and so does one we cannot read: a retry or the
+        janitor decides."""
         await asyncio.sleep(0.5)  # a COMMIT already sent lands meanwhile
         try:
             async with asyncio.timeout(10):
-                if await self.pool.fetchval("SELECT 1 FROM uploads WHERE id = $1", upload_id):
-                    return  # still there: the abort did not happen
+                state = await self.pool.fetchval(
+                    "SELECT state FROM uploads WHERE id = $1 AND user_id = $2", upload_id, user
+                )
+                if state == "open":
+                    return
                 prefix = keys.staging_prefix(user, upload_id)
                 staged = [info.key async for info in self.store.list(prefix)]
         except Exception:
             return  # the janitor's staging sweep removes them
         await self._delete_quietly(staged)
-
-    async def _settle(self, user: int, upload_id: str) -> None:
-        """After a commit was cut off or stalled: if it committed after all, delete
-        its staged parts (its partition copies are in use). If it did not, or we
-        cannot tell, leave everything: a retry or the janitor decides."""
-        await asyncio.sleep(0.5)  # a COMMIT already sent lands meanwhile
-        try:
-            async with asyncio.timeout(10):
-                up = await self.pool.fetchrow(
-                    "SELECT id, user_id, state, declared_parts FROM uploads "
-                    "WHERE id = $1 AND user_id = $2",
-                    upload_id,
-                    user,
-                )
-        except Exception:
-            return
-        if up is not None and up["state"] == "committed":
-            await self._delete_quietly(_staging_keys(up))
 
     async def _delete_quietly(self, store_keys: list[str]) -> None:
         """Best effort: whatever is left behind, the janitor removes later."""
