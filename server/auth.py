@@ -190,10 +190,7 @@ class Auth:
         self, username: str, password: str, device: str | None, address: str = ""
     ) -> TokenPair:
         """Check the password, throttled per account and per address."""
-        keys = [f"user:{username.lower()}"] + ([f"addr:{address}"] if address else [])
-        wait = await self._throttle_wait(keys)
-        if wait is not None:
-            raise Throttled(wait)
+        keys = await self._throttle(username, address)
         try:
             user = await self.check_password(username, password)
         except AuthError:
@@ -211,8 +208,10 @@ class Auth:
             )
         return await self._issue_pair(user, device, family=uuid.uuid4())
 
-    async def _throttle_wait(self, keys: list[str]) -> float | None:
-        """Seconds until these keys may try again, or None when they may now."""
+    async def _throttle(self, username: str, address: str) -> list[str]:
+        """Raise Throttled while the account or the address is locked out of password
+        checks; else the throttle keys a failed check is to be recorded on."""
+        keys = [f"user:{username.lower()}"] + ([f"addr:{address}"] if address else [])
         wait = await self.pool.fetchval(
             """SELECT max(extract(epoch FROM window_start + make_interval(secs => $2) - now()))
                FROM auth_failures
@@ -222,7 +221,9 @@ class Auth:
             float(self.settings.login_window),
             self.settings.login_max_failures,
         )
-        return max(1.0, float(wait)) if wait is not None else None
+        if wait is not None:
+            raise Throttled(max(1.0, float(wait)))
+        return keys
 
     async def _record_failure(self, keys: list[str]) -> None:
         await self.pool.execute(
@@ -329,10 +330,7 @@ class Auth:
         )
         if row is None:
             raise AuthError("no such account")
-        keys = [f"user:{row['username'].lower()}"] + ([f"addr:{address}"] if address else [])
-        wait = await self._throttle_wait(keys)
-        if wait is not None:
-            raise Throttled(wait)
+        keys = await self._throttle(row["username"], address)
         try:
             await asyncio.to_thread(self._hasher.verify, row["password_hash"], current)
         except (VerificationError, InvalidHashError):

@@ -82,10 +82,7 @@ class Hub:
 
     def total(self, kind: type | None = None) -> int:
         """Subscribers in this process, of every user (of one ``kind``)."""
-        return sum(
-            len(subs) if kind is None else sum(isinstance(s, kind) for s in subs)
-            for subs in self._subs.values()
-        )
+        return sum(self.count(user, kind) for user in self._subs)
 
     @property
     def listener_pid(self) -> int | None:

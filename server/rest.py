@@ -193,6 +193,9 @@ def endpoint(handler: Handler) -> Handler:
             error = exc
         except FrameError as exc:
             error = ApiError(ErrorCode.BAD_FRAME, exc.reason)
+        except Throttled as exc:
+            retry = {"Retry-After": str(math.ceil(exc.retry_after))}
+            error = ApiError(ErrorCode.RATE_LIMITED, str(exc), retry)
         except BlobNotFound:
             error = ApiError(ErrorCode.INTERNAL, "stored data is missing")
         except (StoreError, *TRANSIENT_DB_ERRORS) as exc:
@@ -206,6 +209,11 @@ def endpoint(handler: Handler) -> Handler:
 
 
 # ------------------------------------------------------------------- auth
+
+
+def _address(request: Request) -> str:
+    """The peer's address, for throttling per address ("" when unknown)."""
+    return request.client.host if request.client else ""
 
 
 @endpoint
@@ -223,15 +231,13 @@ async def login(request: Request) -> Response:
     device = data.get("device")
     if device is not None and (not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE):
         raise ApiError(ErrorCode.BAD_FRAME, "device must be a short string")
-    address = request.client.host if request.client else ""
     try:
         pair = await services(request).auth.login(
-            _string(data, "username", 64), _string(data, "password", 1024), device, address
+            _string(data, "username", 64),
+            _string(data, "password", 1024),
+            device,
+            _address(request),
         )
-    except Throttled as exc:
-        raise ApiError(
-            ErrorCode.RATE_LIMITED, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))}
-        ) from None
     except AuthError as exc:
         raise ApiError(ErrorCode.UNAUTHORIZED, str(exc)) from None
     return reply(pair.as_json())
@@ -301,12 +307,8 @@ async def patch_account(request: Request) -> Response:
             _string(change, "new", 1024),
             claims.device,
             bundle,
-            request.client.host if request.client else "",
+            _address(request),
         )
-    except Throttled as exc:
-        raise ApiError(
-            ErrorCode.RATE_LIMITED, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))}
-        ) from None
     except AuthError as exc:
         raise ApiError(ErrorCode.FORBIDDEN, str(exc)) from None
     # Not re-authenticated: a token bound to no device is signed out by the change
