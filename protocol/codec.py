@@ -73,14 +73,25 @@ def data_head(rid: int, off: int, size: int, end: bool) -> bytes:
     the server reads the payload into a buffer straight behind this head, instead
     of having msgpack copy each 1 MiB chunk once more.
     """
-    head = bytearray([0x80 | (5 if end else 4)])
-    head += msgpack.packb("t") + msgpack.packb("data")
-    head += msgpack.packb("rid") + msgpack.packb(rid)
-    head += msgpack.packb("off") + msgpack.packb(off)
-    if end:
-        head += msgpack.packb("end") + msgpack.packb(True)
-    head += msgpack.packb("data") + _bin_header(size)
-    return bytes(head)
+    return b"".join(
+        (
+            _HEAD_END if end else _HEAD,
+            _RID,
+            msgpack.packb(rid),
+            _OFF,
+            msgpack.packb(off),
+            _END if end else b"",
+            _DATA,
+            _bin_header(size),
+        )
+    )
+
+
+# The constant pieces of a data frame's head: map header and "t": "data", the keys.
+_HEAD = bytes([0x84]) + msgpack.packb("t") + msgpack.packb("data")
+_HEAD_END = bytes([0x85]) + _HEAD[1:]
+_RID, _OFF, _DATA = msgpack.packb("rid"), msgpack.packb("off"), msgpack.packb("data")
+_END = msgpack.packb("end") + msgpack.packb(True)
 
 
 def _bin_header(size: int) -> bytes:

@@ -160,16 +160,7 @@ def _link_atomic(src: Path, dest: Path) -> None:
 
 
 def _read_bytes(f: BinaryIO, want: int) -> bytes:
-    """Up to ``want`` bytes: an unbuffered file may return fewer, so read until full."""
-    data = f.read(want)
-    if not data or len(data) == want:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < want and (more := f.read(want - got)):
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+    return f.read(want)  # buffered: whole unless the file ends
 
 
 class _Reader(Generic[T]):
@@ -192,7 +183,7 @@ class _Reader(Generic[T]):
 
     def next_chunks(self) -> list[T]:
         if self.file is None:
-            self.file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed below
+            self.file = open(self.path, "rb")  # noqa: SIM115 - closed below
             if self.offset:
                 self.file.seek(self.offset)
         chunks: list[T] = []
@@ -370,10 +361,8 @@ class LocalStore:
     ) -> AsyncIterator[bytearray]:
         def fill(f: BinaryIO, want: int) -> bytearray:
             buf = bytearray(room + want)
-            view, got = memoryview(buf), 0
-            while got < want and (n := f.readinto(view[room + got :])):
-                got += n
-            view.release()
+            with memoryview(buf) as view:
+                got = f.readinto(view[room:])  # buffered: whole unless the file ends
             if got < want:
                 del buf[room + got :]
             return buf
