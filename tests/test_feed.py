@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 
@@ -103,6 +105,21 @@ async def test_one_read_serves_every_caught_up_session_of_the_user(server, alice
         await c.close()
 
 
+def _slow_once(read: Callable[[int, int], Awaitable[Any]], seconds: float):
+    """``read``, and an event: the first read that finishes while it is set returns
+    ``seconds`` late (and clears it)."""
+    armed = asyncio.Event()  # only set/clear/is_set: usable from the server's loop too
+
+    async def read_slowly(user: int, after: int) -> Any:
+        rows = await read(user, after)
+        if armed.is_set():
+            armed.clear()
+            await asyncio.sleep(seconds)
+        return rows
+
+    return read_slowly, armed
+
+
 async def test_a_shared_read_that_began_before_the_commit_is_not_the_last_word(server, alice):
     """Session A's read began before a commit and is still in flight when the commit
     is announced; session B, woken by the announcement, joins that read and gets
@@ -113,14 +130,8 @@ async def test_a_shared_read_that_began_before_the_commit_is_not_the_last_word(s
     writer = await SyncClient.connect(server.ws, alice["access"], device="writer")
     feed = server.services.feed
     original = feed._read
-    armed = asyncio.Event()
-
-    async def read_slowly(user: int, after: int):
-        rows = await original(user, after)
-        if armed.is_set():  # this snapshot is taken; the commit lands meanwhile
-            armed.clear()
-            await asyncio.sleep(1.0)
-        return rows
+    # The read's snapshot is taken; the commit lands during the second that follows.
+    read_slowly, armed = _slow_once(original, 1.0)
 
     async def start_a_read_on_a() -> None:
         feed._read = read_slowly
@@ -148,14 +159,7 @@ async def test_a_push_overtaken_by_the_sessions_own_read_is_sent_once(server, al
     writer = await SyncClient.connect(server.ws, alice["access"], device="w")
     feed = server.services.feed
     original = feed._read
-    slow = asyncio.Event()
-
-    async def read_slowly(user: int, after: int):
-        rows = await original(user, after)
-        if slow.is_set():
-            slow.clear()
-            await asyncio.sleep(0.8)  # the push is pending this long
-        return rows
+    read_slowly, slow = _slow_once(original, 0.8)  # the push is pending this long
 
     async def arm() -> None:
         feed._read = read_slowly

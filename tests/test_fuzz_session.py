@@ -149,11 +149,14 @@ def programs(max_size: int = 40) -> st.SearchStrategy[list[Op]]:
     chunk = st.sampled_from((MAX_CHUNK, 1000, 4095, 2048, 517))
     size = st.integers(1, LIMITS["max_partition"])
     sizes = st.lists(st.one_of(st.integers(1, 600), size), max_size=4).map(tuple)
+    base = st.sampled_from(("right", "right", "stale", "ahead"))
+    wait = st.sampled_from((True, True, False))
+    resume = st.sampled_from((True, True, True, False))
     declare = st.builds(
         Declare,
         slot=slot,
         target=st.none() | ref,
-        base=st.sampled_from(("right", "right", "stale", "ahead")),
+        base=base,
         kind=st.sampled_from(("file", "file", "file", "dir", "flip")),
         sizes=sizes,
         seed=st.integers(0, 1 << 16),
@@ -168,8 +171,8 @@ def programs(max_size: int = 40) -> st.SearchStrategy[list[Op]]:
         part=part,
         chunk=chunk,
         corrupt=st.sampled_from((False, False, False, True)),
-        wait=st.sampled_from((True, True, False)),
-        resume=st.sampled_from((True, True, True, False)),
+        wait=wait,
+        resume=resume,
     )
     send_all = st.builds(
         SendAll,
@@ -177,8 +180,8 @@ def programs(max_size: int = 40) -> st.SearchStrategy[list[Op]]:
         upload=ref,
         chunk=chunk,
         corrupt=st.none() | st.none() | st.none() | part,
-        wait=st.sampled_from((True, True, False)),
-        resume=st.sampled_from((True, True, True, False)),
+        wait=wait,
+        resume=resume,
     )
     one_chunk = st.builds(
         Chunk,
@@ -190,7 +193,6 @@ def programs(max_size: int = 40) -> st.SearchStrategy[list[Op]]:
         corrupt=st.booleans(),
     )
     rare_drop = st.sampled_from((False,) * 5 + (True,))
-    base = st.sampled_from(("right", "right", "stale", "ahead"))
     weighted: list[tuple[int, st.SearchStrategy[Op]]] = [
         (4, declare),
         (4, send_all),

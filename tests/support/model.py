@@ -80,27 +80,25 @@ class SendAll:
 
 
 @dataclass(frozen=True)
-class Commit:
+class _OnUpload:
+    """A request naming one upload (``upload`` selects it), maybe cut off by a drop."""
+
     slot: int = 0
     upload: int = 0
     drop: bool = False
     after: float = 0.0
 
 
-@dataclass(frozen=True)
-class Resume:
-    slot: int = 0
-    upload: int = 0
-    drop: bool = False
-    after: float = 0.0
+class Commit(_OnUpload):
+    """``commit``."""
 
 
-@dataclass(frozen=True)
-class Abort:
-    slot: int = 0
-    upload: int = 0
-    drop: bool = False
-    after: float = 0.0
+class Resume(_OnUpload):
+    """``resume``."""
+
+
+class Abort(_OnUpload):
+    """``abort``."""
 
 
 @dataclass(frozen=True)
