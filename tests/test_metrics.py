@@ -65,3 +65,16 @@ async def test_metrics_name_no_user(server):
         text = (await http.get("/metrics")).text
     await client.close()
     assert name not in text and "private-device" not in text
+
+
+async def test_error_frames_sent_outside_a_request_reply_are_counted(server, alice):
+    """An error the receive loop answers itself (here ``unknown_type``) counts like
+    a request's error reply."""
+    before = await scrape(server.http)
+    client = await SyncClient.connect(server.ws, alice["access"], device="metered")
+    reply = await client.request({"t": "no-such-frame-type"})
+    assert reply["code"] == "unknown_type"
+    after = await scrape(server.http)
+    await client.close()
+    key = ("tessera_errors_total", (("code", "unknown_type"), ("transport", "ws")))
+    assert after[key] - before.get(key, 0.0) == 1
