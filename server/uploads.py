@@ -334,10 +334,12 @@ class Uploads:
             task: asyncio.Task[None] | None = None
             try:
                 async with conn.transaction():
-                    received = await conn.fetch(
+                    # Every declared part, not only those received: a part stored
+                    # concurrently can be marked received between this read and the
+                    # delete, and its own clean-up then sees nothing to clean.
+                    declared = await conn.fetch(
                         """SELECT p.idx FROM upload_parts p JOIN uploads u ON u.id = p.upload_id
-                           WHERE u.id = $1 AND u.user_id = $2 AND u.state = 'open'
-                             AND p.received""",
+                           WHERE u.id = $1 AND u.user_id = $2 AND u.state = 'open'""",
                         upload_id,
                         user,
                     )
@@ -350,7 +352,7 @@ class Uploads:
                 # Started at once, in a task of its own: the deletion happens even if
                 # this request is cancelled from here on (the client went away).
                 task = self._cleanup(
-                    [keys.staging_key(user, upload_id, r["idx"]) for r in received]
+                    [keys.staging_key(user, upload_id, r["idx"]) for r in declared]
                     if deleted
                     else []
                 )

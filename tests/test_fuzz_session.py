@@ -1532,6 +1532,12 @@ class _SlowLockConnection:
             await asyncio.sleep(self.delay)
         return result
 
+    async def fetch(self, query: str, *args: Any, **kw: Any) -> Any:
+        result = await self.conn.fetch(query, *args, **kw)
+        if self.statement in query:
+            await asyncio.sleep(self.delay)
+        return result
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.conn, name)
 
@@ -1638,3 +1644,58 @@ def test_regression_abort_cut_off_while_it_unlocks_leaves_staged_parts(
     slow = _SlowLockReplies(uploads.lock_pool, 0.3, "pg_advisory_unlock(")
     monkeypatch.setattr(uploads, "lock_pool", slow)
     fuzz.run([Declare(sizes=(100, 200)), SendAll(), Abort(drop=True, after=0.15)])
+
+
+def test_regression_part_stored_while_its_upload_is_aborted_is_left_staged(
+    fuzz: FuzzEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by seed 3404236709 (after 236 programs): a part of an aborted upload was
+    left in staging, owned by no upload, until the janitor's orphan sweep.
+
+    ``Uploads.abort`` read which parts were received, then deleted the upload. A
+    part completing in between was marked received after the read, so the abort
+    did not delete it, and its own clean-up (for a part whose upload is gone) did
+    not run either: its upload was still there when it was marked. The abort now
+    deletes the staged copy of every declared part. Here the part takes 0.2 s into
+    staging and the reply to the abort's read arrives 0.5 s late, so the part is
+    marked received in between."""
+    server = fuzz.server
+    uploads = server.services.uploads
+    slow = _SlowLockReplies(uploads.lock_pool, 0.5, "FROM upload_parts p JOIN uploads u")
+    monkeypatch.setattr(uploads, "lock_pool", slow)
+    store = server.services.store
+    put_bytes = store.put_bytes
+
+    async def slow_put_bytes(key: str, data: bytes) -> None:
+        await asyncio.sleep(0.2)
+        await put_bytes(key, data)
+
+    monkeypatch.setattr(store, "put_bytes", slow_put_bytes)
+
+    async def scenario() -> None:
+        tokens = await register_login(server.http, unique("abortrace"))
+        conn = await Conn.open(server.ws, tokens["access"], "device")
+        data = blob(6, 0, 300)
+        spec = PartData(data, b"k", b"s").spec()
+        _, ok = await conn.request(
+            {"t": "upload", "kind": "file", "meta": make_meta(6), "parts": [spec]}
+        )
+        upload = ok["upload"]
+        await conn.chunk(upload, 0, 0, data)  # complete: on its way into staging
+        await asyncio.sleep(0.05)
+        rid = conn.rid()
+        await conn.send({"t": "abort", "rid": rid, "upload": upload})
+        stored = await conn.take(lambda f: f.get("upload") == upload and f.get("part") == 0)
+        assert stored["t"] == "part_ok", stored  # marked received before the delete
+        aborted = await conn.take(lambda f: f.get("rid") == rid)
+        assert aborted["t"] == "ok", aborted
+        await asyncio.sleep(0.5)  # the deletion runs in the background
+
+        async def staged() -> list[str]:
+            return [i.key async for i in store.list(f"staging/{conn.user}/{upload}/")]
+
+        left = await asyncio.to_thread(server.call, staged)
+        await conn.close()
+        assert not left, f"an aborted upload's staged parts are left: {left}"
+
+    asyncio.run(scenario())
