@@ -12,7 +12,7 @@ Spec (JSON file)::
      "sessions": [[token, device, user_key, cursor], ...],
      "concurrency": 64,          # handshakes in flight while connecting
      "record": true,             # keep (seq, arrival time) of every change
-     # commit_loop: part_size, stop_timeout
+     # commit_loop: part_size, stop_timeout, put (one ``put`` frame per file)
      # paced: rate, count, part_size, max_in_flight (per session),
      #        max_total_in_flight, max_seconds, finish_timeout, stop_timeout}
 
@@ -43,6 +43,7 @@ import json
 import os
 import queue
 import resource
+import secrets
 import subprocess
 import sys
 import threading
@@ -204,6 +205,22 @@ class Sess:
         reply["sent_at"] = sent
         return "ok", reply
 
+    async def small_put(self, size: int) -> tuple[str, dict[str, Any]]:
+        """The same file as ``small_commit`` in one ``put`` (declare, data and commit
+        in one frame). One put in flight per session: far below the credit window."""
+        data = os.urandom(size)
+        part = {"size": size, "sha256": hashlib.sha256(data).digest(), "key": b"k", "salt": b"s"}
+        meta = {"name": os.urandom(48), "mtime": os.urandom(28), "key": b"k" * 60, "salt": b"s"}
+        upload = secrets.token_urlsafe(16)
+        sent = self.commit_sent = now()
+        reply = await self.request(
+            {"t": "put", "upload": upload, "meta": meta, "part": part, "data": data}
+        )
+        if reply["t"] != "committed":
+            return str(reply.get("code", reply["t"])), reply
+        reply["sent_at"] = sent
+        return "ok", reply
+
 
 # ---------------------------------------------------------------- the worker
 
@@ -291,10 +308,14 @@ async def _worker(spec: dict[str, Any]) -> None:
 
     async def commit_loop(s: Sess) -> None:
         size = int(spec.get("part_size", 1024))
+        one_frame = bool(spec.get("put"))
         while not stop.is_set():
             sent = now()
             try:
-                code, frame = await s.small_commit(size, wait_part=True)
+                if one_frame:
+                    code, frame = await s.small_put(size)
+                else:
+                    code, frame = await s.small_commit(size, wait_part=True)
             except (ConnectionError, websockets.ConnectionClosed) as exc:
                 errors[f"session closed: {exc}"] += 1
                 return

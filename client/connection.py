@@ -262,6 +262,11 @@ class Connection:
         if reply["t"] == "error":
             raise RemoteError(reply)
 
+    async def put(self, frame: Frame) -> Frame:
+        """A ``put`` request: its data spends credit like a chunk's."""
+        await self._spend(len(frame["data"]))
+        return await self.request(frame)
+
     async def _spend(self, nbytes: int) -> None:
         while self._credit < nbytes:
             self._check()

@@ -7,7 +7,9 @@ and the declared parts go to a journal before any data is sent; a later run
 finds the journal, asks the server which parts it has (``resume``), and sends
 only the rest, re-encrypting them from the file and checking each hash before
 it leaves: if the file changed meanwhile, the old upload is abandoned rather
-than a nonce reused.
+than a nonce reused. A file of one part that fits in a frame goes in one
+``put`` under an id journalled first, so a resend after a lost reply cannot
+commit it twice.
 
 Downloads write plaintext into a temporary file beside the destination, verify
 every part (sha256 of the ciphertext, AES-GCM) and the whole-file content hash,
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -118,7 +121,7 @@ class Uploader:
             await self._abandon(entry)
             entry = None
         have: set[int] = set()
-        if entry is not None:
+        if entry is not None and not entry.get("put"):
             try:
                 resumed = await self.conn.request({"t": "resume", "upload": entry["upload"]})
                 have = set(resumed["have"])
@@ -133,20 +136,54 @@ class Uploader:
             progress(sum(entry["sizes"][i] - TAG for i in have))
         try:
             try:
-                await self._send_missing(path, entry, have, progress)
+                done = await self._deliver(path, entry, have, progress)
             except FileChanged:
                 # Same size and mtime, other bytes: the old declaration is worthless.
                 await self._abandon(entry)
                 entry = await self._declare(path, name, kind, object_id, base, sealed_key)
                 self.state.save_journal(key, entry)
-                await self._send_missing(path, entry, set(), progress)
-            done = await self._commit(path, entry)
+                done = await self._deliver(path, entry, set(), progress)
         except RemoteError as exc:
             if exc.code == "conflict":
                 raise Conflict(exc.frame["rev"]) from None
             raise
         self.state.drop_journal(key)
         return Committed(done["object"], done["rev"], done["seq"], bytes.fromhex(entry["meta_key"]))
+
+    async def _deliver(
+        self, path: Path | None, entry: dict[str, Any], have: set[int], progress: Progress | None
+    ) -> dict[str, Any]:
+        """Send what the server lacks and commit: one ``put`` for a small file (a resend
+        after a lost reply gets the first one's result), else chunks and ``commit``."""
+        if entry.get("put"):
+            assert path is not None
+            return await self._put(path, entry, progress)
+        await self._send_missing(path, entry, have, progress)
+        return await self._commit(path, entry)
+
+    async def _put(self, path: Path, entry: dict[str, Any], progress: Progress | None) -> Any:
+        object_key = crypto.open_object_key(self.master, bytes.fromhex(entry["meta_key"]))
+        plain = await asyncio.to_thread(_read_part, path, 0, entry["part_size"])
+        spec = entry["parts"][0]
+        data = reseal_part(object_key, bytes.fromhex(entry["revision"]), 0, 1, plain, spec)
+        frame: dict[str, Any] = {
+            "t": "put",
+            "upload": entry["upload"],
+            "meta": {k: bytes.fromhex(v) for k, v in entry["meta"].items()},
+            "part": {
+                "size": entry["sizes"][0],
+                "sha256": bytes.fromhex(spec["sha256"]),
+                "key": bytes.fromhex(spec["key"]),
+                "salt": bytes.fromhex(spec["salt"]),
+            },
+            "data": data,
+        }
+        if entry["object"] is not None:
+            frame["object"], frame["base"] = entry["object"], entry["base"]
+        done = await self.conn.put(frame)
+        if progress:
+            progress(len(plain))
+        return done
 
     async def _commit(self, path: Path | None, entry: dict[str, Any]) -> dict[str, Any]:
         """Commit; if the server lost staged parts (``incomplete``, e.g. after its
@@ -212,6 +249,24 @@ class Uploader:
             parts=count,
         )
         sealed_meta = crypto.seal_meta(self.master, object_key, meta, revision)
+        entry: dict[str, Any] = {
+            "name": name,
+            "object": object_id,
+            "base": base,
+            "fingerprint": list(fingerprint) if fingerprint else None,
+            "part_size": self.part_size,
+            "meta_key": sealed_meta.key.hex(),
+            "revision": revision.hex(),
+            "sizes": [s["size"] for s in specs],
+            "parts": [
+                {"sha256": s["sha256"].hex(), "key": s["key"].hex(), "salt": s["salt"].hex()}
+                for s in specs
+            ],
+        }
+        if count == 1 and specs[0]["size"] <= self.conn.limits["max_chunk"]:
+            # One frame does it all; the id is ours, so a resend cannot commit twice.
+            meta_map = {k: v.hex() for k, v in sealed_meta.as_map().items()}
+            return {**entry, "upload": secrets.token_urlsafe(16), "put": True, "meta": meta_map}
         frame: dict[str, Any] = {
             "t": "upload",
             "kind": kind,
@@ -226,21 +281,7 @@ class Uploader:
             if exc.code == "conflict":
                 raise Conflict(exc.frame["rev"]) from None
             raise
-        return {
-            "upload": ok["upload"],
-            "name": name,
-            "object": object_id,
-            "base": base,
-            "fingerprint": list(fingerprint) if fingerprint else None,
-            "part_size": self.part_size,
-            "meta_key": sealed_meta.key.hex(),
-            "revision": revision.hex(),
-            "sizes": [s["size"] for s in specs],
-            "parts": [
-                {"sha256": s["sha256"].hex(), "key": s["key"].hex(), "salt": s["salt"].hex()}
-                for s in specs
-            ],
-        }
+        return {**entry, "upload": ok["upload"]}
 
     async def _send_missing(
         self, path: Path | None, entry: dict[str, Any], have: set[int], progress: Progress | None

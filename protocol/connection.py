@@ -15,7 +15,7 @@ from typing import Any
 from protocol import frames
 from protocol.codec import decode
 from protocol.errors import CloseCode, ErrorCode, ProtocolViolation, RequestError
-from protocol.frames import Chunk, ClientFrame, Hello
+from protocol.frames import Chunk, ClientFrame, Hello, Put
 from protocol.limits import Limits
 
 
@@ -58,22 +58,23 @@ class ServerConnection:
         if isinstance(frame, Hello):
             raise ProtocolViolation("hello after the session started")
         if isinstance(frame, Chunk):
-            self._spend(frame)
+            self._spend("chunk", len(frame.data), upload=frame.upload, part=frame.part)
+        elif isinstance(frame, Put):
+            self._spend("put data", len(frame.data), rid=frame.rid, upload=frame.upload)
         return frame
 
-    def _spend(self, chunk: Chunk) -> None:
-        size = len(chunk.data)
+    def _spend(self, what: str, size: int, **where: Any) -> None:
+        """Charge chunk (or put) data to the window: the bytes held in memory at once."""
         if size > self.credit:
             raise ProtocolViolation(
-                f"chunk of {size} bytes exceeds the remaining credit of {self.credit}"
+                f"{what} of {size} bytes exceeds the remaining credit of {self.credit}"
             )
         if size > self.limits.max_chunk:
             # Not charged: the data is dropped at once, so the window is unaffected.
             raise RequestError(
                 ErrorCode.TOO_LARGE,
-                f"chunk of {size} bytes exceeds max_chunk {self.limits.max_chunk}",
-                upload=chunk.upload,
-                part=chunk.part,
+                f"{what} of {size} bytes exceeds max_chunk {self.limits.max_chunk}",
+                **where,
             )
         self.credit -= size
 

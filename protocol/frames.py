@@ -12,6 +12,7 @@ ignored, as the contract asks for forward compatibility.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -32,6 +33,8 @@ MAX_MTIME: Final = 1024
 MAX_TOKEN: Final = 8 * 1024
 MAX_DEVICE: Final = 128
 MAX_UPLOAD_ID: Final = 64
+#: A client-chosen upload id (``put``) has at least this many characters.
+MIN_PUT_ID: Final = 16
 
 Kind = Literal["file", "dir"]
 
@@ -140,6 +143,25 @@ class Upload:
 
 
 @dataclass(frozen=True, slots=True)
+class Put:
+    """A one-part file declared, sent and committed in one frame (small files).
+
+    ``upload`` is chosen by the client, so that a put resent after a lost reply
+    gets the first one's result instead of creating the object twice."""
+
+    rid: int
+    upload: str
+    object: int | None
+    base: int | None
+    meta: Meta
+    part: PartSpec
+    data: bytes
+
+    def as_upload(self) -> Upload:
+        return Upload(self.rid, self.object, self.base, "file", self.meta, (self.part,))
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     upload: str
     part: int
@@ -197,7 +219,19 @@ class Reauth:
 
 
 ClientFrame = (
-    Hello | Ack | Upload | Chunk | Commit | Resume | Abort | Delete | Get | Info | Ping | Reauth
+    Hello
+    | Ack
+    | Upload
+    | Put
+    | Chunk
+    | Commit
+    | Resume
+    | Abort
+    | Delete
+    | Get
+    | Info
+    | Ping
+    | Reauth
 )
 
 
@@ -216,30 +250,32 @@ def parse_parts(raw: list[Any], limits: Limits, rid: int | None = None) -> tuple
         raise RequestError(
             ErrorCode.TOO_LARGE, f"{len(raw)} parts, at most {limits.max_parts}", rid=rid
         )
-    parts = []
-    for index, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise FrameError(f"upload.parts[{index}] must be a map")
-        size = req_int(item, "size", 0)
-        if not 1 <= size <= limits.max_partition:
-            raise RequestError(
-                ErrorCode.TOO_LARGE,
-                f"part {index} is {size} bytes; sizes are 1..{limits.max_partition}",
-                rid=rid,
-                part=index,
-            )
-        sha = _field(item, "sha256", bytes, "32 bytes")
-        if len(sha) != SHA256_LEN:
-            raise FrameError(f"upload.parts[{index}].sha256 must be 32 bytes")
-        parts.append(
-            PartSpec(
-                size=size,
-                sha256=sha,
-                key=req_bytes(item, "key", MAX_KEY, rid=rid),
-                salt=req_bytes(item, "salt", MAX_SALT, rid=rid),
-            )
+    return tuple(
+        parse_part(item, limits, f"upload.parts[{index}]", index, rid)
+        for index, item in enumerate(raw)
+    )
+
+
+def parse_part(item: Any, limits: Limits, where: str, index: int, rid: int | None) -> PartSpec:
+    if not isinstance(item, dict):
+        raise FrameError(f"{where} must be a map")
+    size = req_int(item, "size", 0)
+    if not 1 <= size <= limits.max_partition:
+        raise RequestError(
+            ErrorCode.TOO_LARGE,
+            f"part {index} is {size} bytes; sizes are 1..{limits.max_partition}",
+            rid=rid,
+            part=index,
         )
-    return tuple(parts)
+    sha = _field(item, "sha256", bytes, "32 bytes")
+    if len(sha) != SHA256_LEN:
+        raise FrameError(f"{where}.sha256 must be 32 bytes")
+    return PartSpec(
+        size=size,
+        sha256=sha,
+        key=req_bytes(item, "key", MAX_KEY, rid=rid),
+        salt=req_bytes(item, "salt", MAX_SALT, rid=rid),
+    )
 
 
 def _hello(m: Mapping[str, Any], limits: Limits) -> Hello:
@@ -256,12 +292,17 @@ def _ack(m: Mapping[str, Any], limits: Limits) -> Ack:
     return Ack(cursor=req_int(m, "cursor", 0))
 
 
-def _upload(m: Mapping[str, Any], limits: Limits) -> Upload:
-    rid = req_int(m, "rid")
+def _object_base(m: Mapping[str, Any]) -> tuple[int | None, int | None]:
     obj = opt_int(m, "object", 1)
     base = opt_int(m, "base", 1)
     if (obj is None) != (base is None):
-        raise FrameError("upload: 'object' and 'base' go together")
+        raise FrameError(f"{m['t']}: 'object' and 'base' go together")
+    return obj, base
+
+
+def _upload(m: Mapping[str, Any], limits: Limits) -> Upload:
+    rid = req_int(m, "rid")
+    obj, base = _object_base(m)
     kind = _field(m, "kind", str, "a string")
     if kind not in ("file", "dir"):
         raise FrameError("upload.kind must be 'file' or 'dir'")
@@ -270,6 +311,29 @@ def _upload(m: Mapping[str, Any], limits: Limits) -> Upload:
     if kind == "dir" and parts:
         raise FrameError("upload: a dir has no parts")
     return Upload(rid=rid, object=obj, base=base, kind=kind, meta=meta, parts=parts)
+
+
+#: A client's upload id for ``put``: url-safe, long enough that nobody guesses one.
+_PUT_ID = re.compile(rf"[A-Za-z0-9_-]{{{MIN_PUT_ID},{MAX_UPLOAD_ID}}}")
+
+
+def _put(m: Mapping[str, Any], limits: Limits) -> Put:
+    rid = req_int(m, "rid")
+    upload = req_str(m, "upload", MAX_UPLOAD_ID)
+    if not _PUT_ID.fullmatch(upload):
+        raise FrameError(
+            f"put.upload must be {MIN_PUT_ID}..{MAX_UPLOAD_ID} characters of A-Z a-z 0-9 _ -"
+        )
+    obj, base = _object_base(m)
+    return Put(
+        rid=rid,
+        upload=upload,
+        object=obj,
+        base=base,
+        meta=parse_meta(m, rid),
+        part=parse_part(m.get("part"), limits, "put.part", 0, rid),
+        data=_field(m, "data", bytes, "bytes (msgpack bin)"),
+    )
 
 
 def _chunk(m: Mapping[str, Any], limits: Limits) -> Chunk:
@@ -312,6 +376,7 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any], Limits], ClientFrame]] = {
     "hello": _hello,
     "ack": _ack,
     "upload": _upload,
+    "put": _put,
     "chunk": _chunk,
     "commit": _rid_upload(Commit),
     "resume": _rid_upload(Resume),

@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import BaseRoute, Route
 
 from protocol.errors import ErrorCode, FrameError, RequestError
-from protocol.frames import MAX_DEVICE, parse_meta, parse_parts
+from protocol.frames import MAX_DEVICE, parse_client_frame, parse_meta, parse_parts
+from protocol.frames import Put as PutFrame
 from protocol.frames import Upload as UploadFrame
 from server.auth import AccessClaims, AuthError, Throttled
 from server.changes import read_changes
@@ -674,6 +675,49 @@ async def commit_upload(request: Request) -> Response:
     return reply({"object": result.object, "rev": result.rev, "seq": result.seq})
 
 
+@endpoint
+async def put_file(request: Request) -> Response:
+    """The WebSocket's ``put`` (docs §4.10) as one request: the same frame in JSON."""
+    claims = await authenticate(request)
+    svc = services(request)
+    frame = _put_frame(await read_json(request), request)
+    result = await svc.uploads.put(claims.user, claims.device, frame)
+    svc.counters.upload_bytes += len(frame.data)
+    svc.counters.commits += 1
+    return reply({"object": result.object, "rev": result.rev, "seq": result.seq})
+
+
+def _put_frame(data: dict[str, Any], request: Request) -> PutFrame:
+    limits = services(request).settings.limits
+    meta_raw, part_raw = data.get("meta"), data.get("part")
+    if not isinstance(meta_raw, dict):
+        raise FrameError("meta must be an object")
+    if not isinstance(part_raw, dict):
+        raise FrameError("part must be an object")
+    body = _b64(data.get("data"), "data")
+    if len(body) > limits.max_chunk:
+        raise ApiError(
+            ErrorCode.TOO_LARGE, f"data is {len(body)} bytes, at most {limits.max_chunk}"
+        )
+    frame = {
+        "t": "put",
+        "rid": 0,
+        "upload": data.get("upload"),
+        "meta": {k: _b64(meta_raw.get(k), f"meta.{k}") for k in ("name", "mtime", "key", "salt")},
+        "part": {
+            "size": part_raw.get("size"),
+            **{k: _b64(part_raw.get(k), f"part.{k}") for k in ("sha256", "key", "salt")},
+        },
+        "data": body,
+    }
+    for name in ("object", "base"):
+        if data.get(name) is not None:
+            frame[name] = data[name]
+    parsed = parse_client_frame(frame, limits)
+    assert isinstance(parsed, PutFrame)
+    return parsed
+
+
 # ------------------------------------------------------------------ health
 
 
@@ -729,6 +773,7 @@ def routes() -> list[BaseRoute]:
         Route("/v1/upload/{upload}", abort_upload, methods=["DELETE"]),
         Route("/v1/upload/{upload}/part/{index}", put_part, methods=["PUT"]),
         Route("/v1/upload/{upload}/commit", commit_upload, methods=["POST"]),
+        Route("/v1/put", put_file, methods=["POST"]),
     ]
 
 

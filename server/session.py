@@ -39,6 +39,7 @@ from protocol.frames import (
     Hello,
     Info,
     Ping,
+    Put,
     Reauth,
     Resume,
     Upload,
@@ -101,7 +102,7 @@ class Session:
         self._lanes: dict[PartWriter, asyncio.Queue[_IngestOp]] = {}
         self._lane_tasks: set[asyncio.Task[None]] = set()
         self._requests: set[asyncio.Task[None]] = set()
-        self._finishing: set[asyncio.Task[None]] = set()
+        self._finishing: set[asyncio.Task[Any]] = set()
         self._gets: set[asyncio.Task[None]] = set()
         self._settled = asyncio.Event()
         self._storing = asyncio.Semaphore(services.store.parallel_puts)
@@ -182,8 +183,9 @@ class Session:
         await asyncio.gather(
             *background, *self._requests, *self._gets, *self._lane_tasks, return_exceptions=True
         )
-        # Parts already complete are finishing their way into staging: let them,
-        # so a resumed upload does not have to send them again.
+        # Parts already complete are finishing their way into staging, and puts
+        # are finishing: let them, so a resumed upload does not have to send them
+        # again and a put is whole or not at all.
         if self._finishing:
             await asyncio.wait(self._finishing, timeout=30)
         for writer in list(self.writers.values()):
@@ -227,12 +229,14 @@ class Session:
         if not self._frame_budget.try_take(1, now):
             rid = getattr(frame, "rid", None)
             if rid is not None:
+                if isinstance(frame, Put):  # its data was charged to the window
+                    self._release(len(frame.data))
                 self._send_error(
                     frames.error(ErrorCode.RATE_LIMITED, "too many frames; slow down", rid=rid)
                 )
                 return False
             await asyncio.sleep(self._frame_budget.take(1, now))
-        if isinstance(frame, Chunk):
+        if isinstance(frame, Chunk | Put):
             delay = self._byte_budget.take(len(frame.data), now)
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -414,6 +418,9 @@ class Session:
                 self._on_ack(cursor)
             case Upload(rid=rid):
                 self._spawn(rid, self._upload(frame))
+            case Put(rid=rid):
+                if not self._spawn(rid, self._put(frame)):
+                    self._release(len(frame.data))  # refused: its data is dropped
             case Resume(rid=rid):
                 self._spawn(rid, self._resume(frame))
             case Commit(rid=rid):
@@ -431,16 +438,18 @@ class Session:
             case _:  # pragma: no cover - the parser only yields the types above
                 raise ProtocolViolation(f"unexpected frame {type(frame).__name__}")
 
-    def _spawn(self, rid: int | None, work: Awaitable[dict[str, Any] | None]) -> None:
+    def _spawn(self, rid: int | None, work: Awaitable[dict[str, Any] | None]) -> bool:
+        """Run a request in its own task; False when refused (too many in flight)."""
         if len(self._requests) >= self.settings.max_requests:
             _close_awaitable(work)
             self._send_error(
                 frames.error(ErrorCode.RATE_LIMITED, "too many requests in flight", rid=rid)
             )
-            return
+            return False
         task = asyncio.create_task(self._answer(rid, work))
         self._requests.add(task)
         task.add_done_callback(self._requests.discard)
+        return True
 
     async def _answer(self, rid: int | None, work: Awaitable[dict[str, Any] | None]) -> None:
         """Run one request; exactly one terminal reply, whatever happens."""
@@ -477,6 +486,21 @@ class Session:
         record = await self.svc.uploads.create(self.user, self.device, frame)
         self.uploads[record.id] = record
         return frames.upload_ok(frame.rid, record.id, [])
+
+    async def _put(self, frame: Put) -> dict[str, Any]:
+        self.svc.counters.upload_bytes += len(frame.data)
+        # Not cut off when the session ends (like parts finishing into staging): a
+        # put is whole or not at all, never staged data that no row owns.
+        work = asyncio.create_task(self.svc.uploads.put(self.user, self.device, frame))
+        self._finishing.add(work)
+        work.add_done_callback(self._finishing.discard)
+        work.add_done_callback(_seen)
+        try:
+            result = await asyncio.shield(work)
+        finally:
+            self._release(len(frame.data))  # the window bounds put data like chunks
+        self.svc.counters.commits += 1
+        return frames.committed(frame.rid, result.object, result.rev, result.seq)
 
     async def _resume(self, frame: Resume) -> dict[str, Any]:
         record = await self.svc.uploads.open(self.user, frame.upload, frame.rid)
@@ -737,6 +761,12 @@ class Session:
             return frames.error(ErrorCode.FORBIDDEN, "token is for another device", rid=frame.rid)
         self._set_expiry(claims.expires)
         return frames.ok(frame.rid)
+
+
+def _seen(task: asyncio.Task[Any]) -> None:
+    """A task that may outlive its requester: mark its failure as retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _close_awaitable(work: Awaitable[Any]) -> None:

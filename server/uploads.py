@@ -11,6 +11,7 @@ leaves only unreferenced partition objects, which the janitor removes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -24,7 +25,7 @@ from typing import IO, Any, TypeVar
 import asyncpg
 
 from protocol.errors import ErrorCode, RequestError
-from protocol.frames import Upload
+from protocol.frames import PartSpec, Put, Upload
 from server import keys
 from server.feed import record_change
 from server.settings import Settings
@@ -40,6 +41,9 @@ COMMIT_LOCK = 0x7E55E4B
 
 #: Concurrent store copies during one commit.
 COPY_CONCURRENCY = 8
+
+#: Partition ids a server takes from the sequence at a time for puts.
+ID_BATCH = 64
 
 
 @dataclass(slots=True)
@@ -166,6 +170,8 @@ class Uploads:
         self.store = store
         self.spool_dir = spool_dir
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Partition ids taken from the sequence and not used yet (``put``).
+        self._ids: collections.deque[int] = collections.deque()
 
     async def close(self, grace: float = 2.0) -> None:
         """Give background clean-ups a moment, then stop them (the janitor finishes)."""
@@ -180,7 +186,11 @@ class Uploads:
 
     # ------------------------------------------------------------- create
 
-    async def create(self, user: int, device: str | None, frame: Upload) -> UploadRecord:
+    async def create(
+        self, user: int, device: str | None, frame: Upload, upload_id: str | None = None
+    ) -> UploadRecord:
+        """Declare an upload; ``upload_id`` is a put's client-chosen id (a duplicate
+        raises asyncpg.UniqueViolationError)."""
         async with self.pool.acquire() as conn:
             replaced, payer = 0, user
             if frame.object is not None:
@@ -209,7 +219,7 @@ class Uploads:
                 # The owner's quota pays for a shared object, whoever edits it.
                 replaced = row["size"] if row["status"] == "active" else 0
                 payer = row["owner_id"]
-            upload_id = secrets.token_urlsafe(16)
+            upload_id = upload_id or secrets.token_urlsafe(16)
             async with conn.transaction():
                 # Serialise declarations per payer, so two concurrent uploads cannot
                 # both pass the checks below on the same free space.
@@ -258,19 +268,7 @@ class Uploads:
     ) -> None:
         """Caps on unfinished uploads, and the quota with their bytes reserved."""
         account = await conn.fetchrow(
-            # Reserved: the payer's own unfinished uploads of new objects or of its
-            # objects, plus others' unfinished uploads to its (shared) objects. Two
-            # indexed lookups rather than a scan of every upload row.
-            """SELECT mine.n, mine.bytes, u.quota, u.used,
-                      coalesce((SELECT sum(p.size) FROM uploads p
-                                LEFT JOIN objects o ON o.id = p.object_id
-                                WHERE p.user_id = u.id AND p.state = 'open'
-                                  AND p.expires_at > now()
-                                  AND (p.object_id IS NULL OR o.owner_id = u.id)), 0)
-                    + coalesce((SELECT sum(p.size) FROM objects o
-                                JOIN uploads p ON p.object_id = o.id AND p.state = 'open'
-                                WHERE o.owner_id = u.id AND p.user_id <> u.id
-                                  AND p.expires_at > now()), 0) AS reserved
+            f"""SELECT mine.n, mine.bytes, u.quota, u.used, {_RESERVED} AS reserved
                FROM users u,
                     LATERAL (SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes
                              FROM uploads
@@ -368,6 +366,137 @@ class Uploads:
             raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid, upload=upload_id)
         if task is not None:  # deleted before the reply
             await asyncio.shield(task)
+
+    # ---------------------------------------------------------------- put
+
+    async def put(self, user: int, device: str | None, frame: Put) -> CommitResult:
+        """A one-part file declared, sent and committed in one request.
+
+        A new object is one statement: the partition goes straight to its final
+        key, nothing is staged or copied. A new revision goes the general way
+        (declare, store, commit) under the client's id. Either way a resent put
+        with the same id gets the first one's result, or finishes what it began.
+        """
+        if not await _matches(frame.part, frame.data):
+            raise RequestError(
+                ErrorCode.HASH_MISMATCH,
+                "data does not match part.size and part.sha256",
+                rid=frame.rid,
+                upload=frame.upload,
+            )
+        if frame.object is None:
+            return await self._put_new(user, device, frame)
+        return await self._put_revision(user, device, frame)
+
+    async def _put_new(self, user: int, device: str | None, frame: Put) -> CommitResult:
+        pid = await self._partition_id()
+        key = keys.partition_key(user, pid)
+        await self.store.put_bytes(key, frame.data)
+        try:
+            row = await self.pool.fetchrow(
+                _PUT_NEW,
+                user,
+                frame.upload,
+                frame.part.size,
+                frame.meta.name,
+                frame.meta.mtime,
+                frame.meta.key,
+                frame.meta.salt,
+                pid,
+                device,
+                key,
+                frame.part.sha256,
+                frame.part.salt,
+                frame.part.key,
+                float(self.settings.upload_ttl),
+            )
+        except asyncpg.UniqueViolationError:
+            row = None  # a concurrent resend of this put took the id first
+        # Any other failure may have committed all the same: the janitor removes
+        # the partition if no row refers to it.
+        if row is not None:
+            return CommitResult(row["id"], 1, row["change_seq"])
+        self._cleanup([key])
+        prior = await self._prior_put(user, frame)
+        if prior is not None:
+            return prior
+        raise RequestError(
+            ErrorCode.QUOTA_EXCEEDED,
+            f"{frame.part.size} bytes do not fit the quota "
+            "(usage plus the bytes reserved by unfinished uploads)",
+            rid=frame.rid,
+            upload=frame.upload,
+        )
+
+    async def _put_revision(self, user: int, device: str | None, frame: Put) -> CommitResult:
+        try:
+            rec = await self.create(user, device, frame.as_upload(), upload_id=frame.upload)
+        except asyncpg.UniqueViolationError:
+            prior = await self._prior_put(user, frame)
+            if prior is not None:
+                return prior
+            rec = await self.open(user, frame.upload, frame.rid)  # a resend: carry on
+        except RequestError as exc:
+            # A resend of a put that committed finds its own revision "stale".
+            if exc.code == ErrorCode.CONFLICT:
+                prior = await self._prior_put(user, frame)
+                if prior is not None:
+                    return prior
+            raise
+        try:
+            if 0 not in rec.received:
+                await self._stage(rec, frame.data)
+            return await self.commit(user, frame.upload, device, frame.rid)
+        except RequestError as exc:
+            if exc.code != ErrorCode.CONFLICT:
+                raise
+            # Stale base: this put can never commit, so it reserves nothing any more.
+            with contextlib.suppress(RequestError):
+                await self.abort(user, frame.upload)
+            raise
+
+    async def _stage(self, rec: UploadRecord, data: bytes) -> None:
+        """A put's part into staging, as if its chunks had arrived."""
+        writer = self.writer(rec, 0)
+        try:
+            await writer.call(writer.write_blocking, data)
+        except BaseException:
+            await writer.call(writer.discard_blocking)
+            raise
+        await self.store_part(rec, writer)
+
+    async def _prior_put(self, user: int, frame: Put) -> CommitResult | None:
+        """The result of an earlier put with this id; None if there is no upload
+        with it; conflict if the id belongs to an upload that is not this put's."""
+        prior = await self.pool.fetchrow(
+            "SELECT user_id, state, object_id, result_object, result_rev, result_seq "
+            "FROM uploads WHERE id = $1",
+            frame.upload,
+        )
+        if prior is None:
+            return None
+        if prior["user_id"] == user and prior["state"] == "committed":
+            return CommitResult(prior["result_object"], prior["result_rev"], prior["result_seq"])
+        resumable = frame.object is not None and prior["object_id"] == frame.object
+        if prior["user_id"] == user and resumable:
+            return None  # an unfinished put of this revision: the caller carries on
+        raise RequestError(
+            ErrorCode.CONFLICT,
+            "upload id already in use: choose another",
+            rid=frame.rid,
+            upload=frame.upload,
+        )
+
+    async def _partition_id(self) -> int:
+        """A fresh partition id, from a batch taken from the sequence (one round trip
+        per ID_BATCH puts rather than one each)."""
+        if not self._ids:
+            got = await self.pool.fetchval(
+                "SELECT array(SELECT nextval('partitions_id_seq') FROM generate_series(1, $1))",
+                ID_BATCH,
+            )
+            self._ids.extend(got)
+        return self._ids.popleft()
 
     # -------------------------------------------------------------- parts
 
@@ -703,6 +832,48 @@ class Uploads:
             log.warning("could not delete %d store objects; the janitor will", len(store_keys))
 
 
+#: The bytes reserved against the quota of user ``u``: its own unfinished uploads
+#: of new objects or of its objects, plus others' unfinished uploads to its
+#: (shared) objects. Two indexed lookups rather than a scan of every upload row.
+_RESERVED = """(
+    coalesce((SELECT sum(p.size) FROM uploads p
+              LEFT JOIN objects o ON o.id = p.object_id
+              WHERE p.user_id = u.id AND p.state = 'open' AND p.expires_at > now()
+                AND (p.object_id IS NULL OR o.owner_id = u.id)), 0)
+  + coalesce((SELECT sum(p.size) FROM objects o
+              JOIN uploads p ON p.object_id = o.id AND p.state = 'open'
+              WHERE o.owner_id = u.id AND p.user_id <> u.id AND p.expires_at > now()), 0))"""
+
+#: A put of a new object, whole, in one statement: the quota charged and the
+#: user's change seq taken (under the user's row lock, as record_change does), the
+#: object, its partition, the owner's feed row, and a committed upload row under
+#: the client's id, so that a resent put finds its result. No row comes back when
+#: the quota does not fit or the id is already taken.
+_PUT_NEW = f"""
+WITH seq AS (
+    UPDATE users u SET used = u.used + $3, change_seq = u.change_seq + 1
+    WHERE u.id = $1 AND u.used + {_RESERVED} + $3 <= u.quota
+      AND NOT EXISTS (SELECT 1 FROM uploads WHERE id = $2)
+    RETURNING u.change_seq),
+obj AS (
+    INSERT INTO objects (owner_id, kind, rev, size, enc_name, enc_mtime, enc_key, salt,
+                         head_partition, origin)
+    SELECT $1, 'file', 1, $3, $4, $5, $6, $7, $8, $9 FROM seq RETURNING id),
+part AS (
+    INSERT INTO partitions (id, object_id, rev, idx, store_key, size, sha256, salt, enc_key)
+    SELECT $8, obj.id, 1, 0, $10, $3, $11, $12, $13 FROM obj),
+feed AS (
+    INSERT INTO access_list (user_id, object_id, role, status, seq)
+    SELECT $1, obj.id, 'owner', 'active', seq.change_seq FROM obj, seq),
+done AS (
+    INSERT INTO uploads (id, user_id, device_id, kind, enc_name, enc_mtime, enc_key, salt,
+                         declared_parts, size, state, expires_at,
+                         result_object, result_rev, result_seq)
+    SELECT $2, $1, $9, 'file', '', '', '', '', 1, $3, 'committed',
+           now() + make_interval(secs => $14), obj.id, 1, seq.change_seq
+    FROM obj, seq)
+SELECT obj.id, seq.change_seq FROM obj, seq"""
+
 #: A commit's first read, in one round trip: the upload, its parts (as arrays), the
 #: object's current rev, and (if still open) the ids its partitions will get.
 _COMMIT_READ = """
@@ -719,6 +890,17 @@ LEFT JOIN LATERAL (
            array_agg(salt ORDER BY idx) AS salts, array_agg(received ORDER BY idx) AS received
     FROM upload_parts WHERE upload_id = u.id) p ON true
 WHERE u.id = $1 AND u.user_id = $2"""
+
+
+async def _matches(part: PartSpec, data: bytes) -> bool:
+    """Size and sha256 of a put's data; hashed off the event loop unless small."""
+    if len(data) != part.size:
+        return False
+    if len(data) <= SMALL_PART:
+        digest = hashlib.sha256(data).digest()
+    else:
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).digest())
+    return digest == part.sha256
 
 
 def _parts(up: asyncpg.Record) -> list[dict[str, Any]]:

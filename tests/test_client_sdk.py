@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from client import crypto
+from client.connection import Connection, ServerClosed
 from client.sdk import Tessera, conflicted_name
 from client.state import State
 from tests.conftest import unique
@@ -140,4 +141,46 @@ async def test_push_sends_again_the_parts_a_server_lost_from_staging(server, tmp
     assert lost and done.rev == 1
     out = tmp_path / "out.bin"
     await sdk.pull(None, (await sdk.remote_files())["lost.bin"], out)
+    assert out.read_bytes() == src.read_bytes()
+
+
+async def test_a_small_file_goes_in_one_put_and_a_lost_reply_commits_once(
+    server, tmp_path, db, monkeypatch
+):
+    """A file of one part small enough for a frame is one ``put``. When the reply is
+    lost (the connection drops after the put went out), the next push resends the
+    same put from the journal and gets the first one's object: no second copy."""
+    sdk = await device(server, tmp_path, "a", unique("put"), new=True)
+    src = tmp_path / "small.txt"
+    src.write_bytes(os.urandom(3000))
+    sent: list[dict] = []
+
+    async def put_then_drop(self: Connection, frame: dict) -> dict:
+        await self._spend(len(frame["data"]))
+        sent.append(frame)
+        await self.send({**frame, "rid": 999_999})  # nobody waits for this reply
+        await asyncio.sleep(0.5)  # the server commits meanwhile
+        raise ServerClosed(1006, "connection lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Connection, "put", put_then_drop)
+        with pytest.raises(ServerClosed):
+            async with sdk.session() as conn:
+                await sdk.push(conn, src, "small.txt")
+    user = await db.fetchval("SELECT id FROM users WHERE username = $1", sdk.profile.username)
+    first = await db.fetchval("SELECT id FROM objects WHERE owner_id = $1", user)
+    assert first is not None  # committed, but the client never heard
+    async with sdk.session() as conn:
+        name, done = await sdk.push(conn, src, "small.txt")
+    assert name == "small.txt" and (done.object, done.rev) == (first, 1)
+    assert await db.fetchval("SELECT count(*) FROM objects WHERE owner_id = $1", user) == 1
+    assert [f["t"] for f in sent] == ["put"]
+    staged = await db.fetchval(
+        "SELECT count(*) FROM upload_parts p JOIN uploads u "
+        "ON u.id = p.upload_id WHERE u.user_id = $1",
+        user,
+    )
+    assert staged == 0
+    out = tmp_path / "out.txt"
+    await sdk.pull(None, (await sdk.remote_files())["small.txt"], out)
     assert out.read_bytes() == src.read_bytes()

@@ -1,14 +1,14 @@
 """Fuzzing a live session: hypothesis draws programs of valid and invalid frames.
 
 A program is a list of operations (``tests/support/model.py``): declare,
-chunk, send a part or all parts, commit, resume, abort, delete, get, info,
-ping, an unknown frame type, a malformed message, a dropped connection. Ids are
-selectors over what the model knows plus a bogus id and another user's id, and
-two connection slots let an upload be resumed on a second session while the
-first is still open. The driver runs the program against one real server (one
-fresh user per example), checks every reply against the model's prediction and
-every live connection with a ``ping`` barrier (no frame nobody asked for), and
-after every program asserts:
+put (a whole small file in one frame), chunk, send a part or all parts, commit,
+resume, abort, delete, get, info, ping, an unknown frame type, a malformed
+message, a dropped connection. Ids are selectors over what the model knows plus
+a bogus id and another user's id, and two connection slots let an upload be
+resumed on a second session while the first is still open. The driver runs the
+program against one real server (one fresh user per example), checks every reply
+against the model's prediction and every live connection with a ``ping``
+barrier (no frame nobody asked for), and after every program asserts:
 
 * the server is healthy (``/healthz``, a fresh session answers ``ping``);
 * the database holds exactly the model's objects, uploads, received parts,
@@ -83,6 +83,7 @@ from tests.support.model import (
     Op,
     PartData,
     Ping,
+    Put,
     Reply,
     Resume,
     SendAll,
@@ -193,8 +194,21 @@ def programs(max_size: int = 40) -> st.SearchStrategy[list[Op]]:
         corrupt=st.booleans(),
     )
     rare_drop = st.sampled_from((False,) * 5 + (True,))
+    put = st.builds(
+        Put,
+        slot=slot,
+        target=st.none() | ref,
+        base=base,
+        size=st.sampled_from((1, 100, 1000, MAX_CHUNK)),
+        seed=st.integers(0, 1 << 16),
+        corrupt=st.sampled_from((False,) * 7 + (True,)),
+        resend=st.sampled_from((False, False, True)),
+        drop=st.sampled_from((False,) * 5 + (True,)),
+        after=after,
+    )
     weighted: list[tuple[int, st.SearchStrategy[Op]]] = [
         (4, declare),
+        (3, put),
         (4, send_all),
         (1, st.builds(Violation, slot=slot, kind=st.sampled_from(sorted(VIOLATIONS)))),
         (2, send_part),
@@ -408,6 +422,9 @@ class Driver:
         self.trace: list[str] = []
         self.token = ""
         self.user = 0
+        #: The last put sent (frame, part, corrupt), for a resend; and puts so far.
+        self.last_put: tuple[Frame, PartData, bool] | None = None
+        self.puts = 0
 
     # ----------------------------------------------------------- running
 
@@ -641,6 +658,64 @@ class Driver:
                 MUpload(reply["upload"], obj, base, kind, meta, parts), self.sessions[op.slot]
             )
             self.note(f"   -> upload {reply['upload'][:8]}")
+        await self.barrier(op.slot)
+
+    # ----------------------------------------------------------------- put
+
+    async def do_put(self, op: Put) -> None:
+        await self.flush(lambda p: op.drop and p.slot == op.slot)
+        conn = await self.conn(op.slot)
+        if op.resend and self.last_put is not None:
+            frame, part, corrupt = self.last_put
+        else:
+            obj = base = None
+            if op.target is not None and (self.model.objects or op.target < 0):
+                obj = self.pick_object(op.target)
+                base = self.base_for(obj, op.base)
+            part = make_parts(op.seed, (op.size,))[0]
+            spec = part.spec()
+            if op.corrupt:
+                spec = {**spec, "sha256": bytes(32)}
+            self.puts += 1
+            frame = {
+                "t": "put",
+                # Unique in the database (the user is new), and drawn like every byte.
+                "upload": f"put-{self.user:08d}-{op.seed:05d}-{self.puts:03d}",
+                "meta": make_meta(op.seed),
+                "part": spec,
+                "data": part.data,
+            }
+            if obj is not None:
+                frame["object"], frame["base"] = obj, base
+            corrupt = op.corrupt
+            self.last_put = (frame, part, corrupt)
+        upload, obj, base = frame["upload"], frame.get("object"), frame.get("base")
+        expected = self.model.put(upload, obj, base, part, corrupt)
+        self.note(f"   put {upload} object={obj} base={base} -> expect {expected}")
+        deadline = asyncio.get_running_loop().time() + 20
+        while conn.credit < part.size:  # put data spends credit like a chunk (§4.10)
+            await conn._wait(deadline, "credit")
+        conn.credit -= part.size
+        if op.drop:
+            await conn.send({**frame, "rid": conn.rid()})
+            if op.after:  # (no yield at all for 0: the cut lands as early as it can)
+                await asyncio.sleep(op.after)
+            await self.settle(op.slot, abrupt=True, uncertain=("put", (frame, part)))
+            return
+        rid, reply = await self.ask(conn, frame)
+        self.check(reply, expected, rid, "put")
+        up = self.model.uploads.get(upload)
+        if reply["t"] == "committed" and (up is None or up.state != "committed"):
+            if up is None or up.state == "aborted":
+                self.model.add_upload(
+                    MUpload(upload, obj, base, "file", frame["meta"], [part]), None
+                )
+            if obj is None:
+                assert reply["object"] not in self.model.objects, reply
+            o = self.model.apply_commit(upload, reply["object"], reply["rev"], reply["seq"])
+            await self.learn(o)
+        elif reply.get("code") == "conflict" and up is not None and up.state == "open":
+            self.model.apply_abort(upload)  # a put that cannot commit reserves nothing
         await self.barrier(op.slot)
 
     # -------------------------------------------------------------- chunks
@@ -1057,6 +1132,31 @@ class Driver:
                 await self.learn(o)
                 self.note(f"   the cut-off commit happened: {got}")
                 self.env.stats["drop: commit happened"] += 1
+        elif kind == "put":
+            frame, part = what
+            pid = frame["upload"]
+            up, row = m.uploads.get(pid), uploads.get(pid)
+            if row is not None and (up is None or up.state == "aborted"):
+                obj, base = frame.get("object"), frame.get("base")
+                m.add_upload(MUpload(pid, obj, base, "file", frame["meta"], [part]), None)
+                up = m.uploads[pid]
+                self.note(f"   the cut-off put reached the database: {pid} {row['state']}")
+            if up is not None and up.state == "open" and row is not None:
+                # Committed, it had stored its part (a new object's leaves no part row).
+                if row["state"] == "committed" or 0 in received.get(pid, set()):
+                    m.part_stored(None, pid, 0)
+                if row["state"] == "committed":
+                    expected = m.commit(pid)
+                    assert expected.t == "committed", (expected, dict(row))
+                    got = {"object": row["result_object"], "rev": row["result_rev"]}
+                    got["seq"] = row["result_seq"]
+                    assert all(got[k] == v for k, v in expected.fields.items()), (expected, got)
+                    o = m.apply_commit(pid, *got.values())
+                    await self.learn(o)
+                    self.note(f"   the cut-off put committed: {got}")
+            elif up is not None and up.state == "open" and row is None:
+                m.apply_abort(pid)  # its commit met a conflict, and it was aborted
+            self.env.stats[f"drop: put {row['state'] if row else 'lost'}"] += 1
         elif kind == "abort":
             up = m.uploads.get(what)
             if up is not None and up.state == "open" and what not in uploads:

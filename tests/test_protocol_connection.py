@@ -20,7 +20,7 @@ from protocol.errors import (
     RequestError,
     UnknownFrameType,
 )
-from protocol.frames import Chunk, Hello, Ping
+from protocol.frames import Chunk, Hello, Ping, Put
 from protocol.limits import FRAME_OVERHEAD, KiB, Limits
 from tests.test_protocol_frames import CLIENT_FRAME_CLASSES, VALID, random_frame
 
@@ -207,7 +207,7 @@ def test_chunks_spend_credit() -> None:
 
 def test_other_frames_do_not_spend_credit() -> None:
     conn = connect()
-    for t in sorted(set(VALID) - {"hello", "chunk"}):
+    for t in sorted(set(VALID) - {"hello", "chunk", "put"}):
         conn.receive(encode(VALID[t][0]))
     assert conn.credit == LIMITS.window
 
@@ -266,6 +266,40 @@ def test_malformed_chunk_is_not_charged() -> None:
     bad = encode({"t": "chunk", "upload": "u-1", "part": LIMITS.max_parts, "off": 0, "data": b"x"})
     with pytest.raises(ProtocolViolation):
         conn.receive(bad)
+    assert conn.credit == LIMITS.window
+
+
+def put(size: int, rid: int = 5) -> bytes:
+    return encode({**VALID["put"][0], "rid": rid, "data": b"x" * size})
+
+
+def test_put_data_spends_credit_like_chunks() -> None:
+    conn = connect()
+    assert isinstance(conn.receive(put(1000)), Put)
+    conn.receive(chunk(1000))
+    assert conn.credit == LIMITS.window - 2000
+    assert conn.release(2000) == frames.credit(2000)
+    assert conn.credit == LIMITS.window
+
+
+def test_put_beyond_remaining_credit_is_a_violation() -> None:
+    conn = connect()
+    for _ in range(LIMITS.window // LIMITS.max_chunk):
+        conn.receive(put(LIMITS.max_chunk))
+    with pytest.raises(ProtocolViolation) as info:
+        conn.receive(put(1))
+    assert info.value.code == CloseCode.PROTOCOL_VIOLATION
+    assert "put data" in str(info.value)
+
+
+def test_put_over_max_chunk_is_too_large_with_rid_and_not_charged() -> None:
+    conn = connect()
+    with pytest.raises(RequestError) as info:
+        conn.receive(put(LIMITS.max_chunk + 1, rid=77))
+    assert not isinstance(info.value, ProtocolViolation)
+    assert info.value.code == ErrorCode.TOO_LARGE
+    assert info.value.rid == 77
+    assert info.value.upload == VALID["put"][0]["upload"]
     assert conn.credit == LIMITS.window
 
 

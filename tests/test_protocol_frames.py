@@ -32,6 +32,7 @@ from protocol.frames import (
     Meta,
     PartSpec,
     Ping,
+    Put,
     Reauth,
     Resume,
     Upload,
@@ -78,6 +79,8 @@ def _spec(size: int) -> PartSpec:
     return PartSpec(size=size, sha256=SHA, key=b"pk", salt=b"ps")
 
 
+PUT_ID = "Zx9_-Q" * 3
+
 #: One valid map per client frame type, with the dataclass it parses into.
 VALID: dict[str, tuple[dict[str, Any], Any]] = {
     "hello": (
@@ -95,6 +98,19 @@ VALID: dict[str, tuple[dict[str, Any], Any]] = {
             meta=_meta(),
             parts=(_spec(100), _spec(200)),
         ),
+    ),
+    "put": (
+        {
+            "t": "put",
+            "rid": 12,
+            "upload": PUT_ID,
+            "object": 7,
+            "base": 3,
+            "meta": dict(META),
+            "part": part(3),
+            "data": b"abc",
+        },
+        Put(rid=12, upload=PUT_ID, object=7, base=3, meta=_meta(), part=_spec(3), data=b"abc"),
     ),
     "chunk": (
         {"t": "chunk", "upload": "u-1", "part": 1, "off": 512, "data": b"abc"},
@@ -186,6 +202,9 @@ _int_fields = [
     ("upload", "rid"),
     ("upload", "object"),
     ("upload", "base"),
+    ("put", "rid"),
+    ("put", "object"),
+    ("put", "base"),
     ("chunk", "part"),
     ("chunk", "off"),
     ("commit", "rid"),
@@ -219,6 +238,9 @@ _below_range = [
     ("upload", "rid", -1),
     ("upload", "object", 0),
     ("upload", "base", 0),
+    ("put", "rid", -1),
+    ("put", "object", 0),
+    ("put", "base", 0),
     ("chunk", "part", -1),
     ("chunk", "off", -1),
     ("commit", "rid", -1),
@@ -365,6 +387,67 @@ def test_dir_upload_without_parts() -> None:
 def test_dir_with_parts_is_a_frame_error() -> None:
     with pytest.raises(FrameError):
         parse_client_frame(upload(kind="dir", parts=[part(1)]), LIMITS)
+
+
+def put(**over: Any) -> dict[str, Any]:
+    return {**VALID["put"][0], **over}
+
+
+def test_put_of_a_new_object_leaves_out_object_and_base() -> None:
+    raw = put()
+    del raw["object"], raw["base"]
+    parsed = parse_client_frame(raw, LIMITS)
+    assert isinstance(parsed, Put)
+    assert (parsed.object, parsed.base) == (None, None)
+    assert parsed.as_upload() == Upload(12, None, None, "file", _meta(), (_spec(3),))
+
+
+@pytest.mark.parametrize(
+    "upload_id",
+    ["a" * 15, "a" * (frames.MAX_UPLOAD_ID + 1), "a" * 15 + "/", "a" * 15 + "=", "ä" * 16, ""],
+    ids=repr,
+)
+def test_put_id_must_be_16_to_64_url_safe_characters(upload_id: str) -> None:
+    with pytest.raises(FrameError) as info:
+        parse_client_frame(put(upload=upload_id), LIMITS)
+    assert "put.upload" in str(info.value)
+
+
+@pytest.mark.parametrize("upload_id", ["a" * 16, "A-z_09" * 10 + "abcd"])
+def test_put_id_bounds_are_accepted(upload_id: str) -> None:
+    assert isinstance(parse_client_frame(put(upload=upload_id), LIMITS), Put)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [{"object": None}, {"base": None}],
+    ids=["base only", "object only"],
+)
+def test_put_object_and_base_go_together(over: dict[str, Any]) -> None:
+    with pytest.raises(FrameError, match="go together"):
+        parse_client_frame(put(**over), LIMITS)
+
+
+@pytest.mark.parametrize(
+    "bad_part",
+    [[part(3)], part(3, sha256=b"short"), {**part(3), "size": "3"}, {"size": 3}],
+    ids=["a list", "short sha256", "size not int", "fields missing"],
+)
+def test_put_part_must_be_one_part_map(bad_part: object) -> None:
+    with pytest.raises(FrameError):
+        parse_client_frame(put(part=bad_part), LIMITS)
+
+
+def test_put_part_over_max_partition_is_too_large_with_rid() -> None:
+    with pytest.raises(RequestError) as info:
+        parse_client_frame(put(part=part(LIMITS.max_partition + 1)), LIMITS)
+    assert info.value.code == ErrorCode.TOO_LARGE
+    assert info.value.rid == 12
+
+
+def test_put_data_must_be_bin() -> None:
+    with pytest.raises(FrameError):
+        parse_client_frame(put(data="abc"), LIMITS)
 
 
 def test_upload_at_max_parts_is_accepted() -> None:
@@ -810,7 +893,7 @@ _meta_map = _fields(
 FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "rid": _int | st.sampled_from([frames.MAX_ID, frames.MAX_ID + 1]),
     "upload": _text,
-    "part": st.integers(min_value=-1, max_value=LIMITS.max_parts),
+    "part": st.integers(min_value=-1, max_value=LIMITS.max_parts) | _part_map,
     "off": _int,
     "data": st.binary(max_size=3 * LIMITS.max_chunk // 2),
     "parts": st.lists(_part_map, max_size=LIMITS.max_parts + 1) | st.just([]),
@@ -847,7 +930,7 @@ def random_frame(draw: st.DrawFn) -> dict[str, Any]:
 
 
 CLIENT_FRAME_CLASSES = (
-    Hello, Ack, Upload, Chunk, Commit, Resume, Abort, Delete, Get, Info, Ping, Reauth,
+    Hello, Ack, Upload, Put, Chunk, Commit, Resume, Abort, Delete, Get, Info, Ping, Reauth,
 )  # fmt: skip
 
 
@@ -862,7 +945,7 @@ def test_random_maps_only_raise_protocol_errors(frame: dict[str, Any]) -> None:
         assert exc.rid is None or exc.rid == frame.get("rid")
     except RequestError as exc:
         assert exc.code == ErrorCode.TOO_LARGE
-        assert frame["t"] == "upload"
+        assert frame["t"] in ("upload", "put")
         assert exc.rid == frame["rid"]
     except ProtocolViolation as exc:
         assert exc.code == CloseCode.PROTOCOL_VIOLATION

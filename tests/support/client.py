@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import itertools
 import os
+import secrets
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -153,11 +154,7 @@ class SyncClient:
         return reply
 
     async def send_chunk(self, upload: str, part: int, off: int, data: bytes) -> None:
-        while self.credit < len(data):
-            frame = await self._read(15)
-            if frame["t"] != "credit":
-                self.buffer.append(frame)
-        self.credit -= len(data)
+        await self.wait_credit(len(data))
         await self.send({"t": "chunk", "upload": upload, "part": part, "off": off, "data": data})
 
     async def send_parts(
@@ -198,6 +195,42 @@ class SyncClient:
         done = await self.request({"t": "commit", "upload": ok["upload"]})
         assert done["t"] == "committed", done
         return done
+
+    async def wait_credit(self, nbytes: int) -> None:
+        while self.credit < nbytes:
+            frame = await self._read(15)
+            if frame["t"] != "credit":
+                self.buffer.append(frame)
+        self.credit -= nbytes
+
+    def put_frame(
+        self,
+        data: bytes,
+        *,
+        upload: str | None = None,
+        obj: int | None = None,
+        base: int | None = None,
+        spec: dict[str, Any] | None = None,
+    ) -> Frame:
+        """A ``put`` of ``data`` as one part (a fresh client id unless given)."""
+        frame: Frame = {
+            "t": "put",
+            "rid": self.rid(),
+            "upload": upload or secrets.token_urlsafe(16),
+            "meta": meta(),
+            "part": spec or part_spec(data),
+            "data": data,
+        }
+        if obj is not None:
+            frame["object"], frame["base"] = obj, base
+        return frame
+
+    async def put(self, frame: Frame, timeout: float = 30) -> Frame:
+        """Send a ``put`` (spending credit for its data, as a client must) and return
+        its reply."""
+        await self.wait_credit(len(frame["data"]))
+        await self.send(frame)
+        return await self.wait_for(lambda f: f.get("rid") == frame["rid"], timeout)
 
     async def download(self, part: int, off: int = 0) -> bytes:
         rid = self.rid()

@@ -43,6 +43,21 @@ class Declare:
 
 
 @dataclass(frozen=True)
+class Put:
+    """``put``: a one-part file in one frame, new (``target`` None) or a new revision."""
+
+    slot: int = 0
+    target: int | None = None
+    base: str = "right"  # right | stale | ahead
+    size: int = 1  # up to max_chunk: the data travels in the frame
+    seed: int = 0
+    corrupt: bool = False  # part.sha256 is not the data's: hash_mismatch
+    resend: bool = False  # the previous put again: same id, same bytes
+    drop: bool = False
+    after: float = 0.0
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One chunk of a part."""
 
@@ -152,6 +167,7 @@ class Drop:
 
 Op = (
     Declare
+    | Put
     | Chunk
     | SendPart
     | SendAll
@@ -433,6 +449,43 @@ class Model:
         fields: dict[str, Any] = {"rev": 1 if up.obj is None else (up.base or 0) + 1}
         if up.obj is not None:
             fields["object"] = up.obj
+        fields["seq"] = self.seq + 1
+        return Reply("committed", fields)
+
+    def put(
+        self, upload: str, obj: int | None, base: int | None, part: PartData, corrupt: bool
+    ) -> Reply:
+        """docs §4.10: hash first, then the id (a committed put's result), then as a
+        declaration and its commit in one."""
+        if corrupt:
+            return Reply.error("hash_mismatch", upload=upload)
+        up = self.uploads.get(upload)
+        if up is not None and up.state == "committed":
+            assert up.result is not None
+            o, rev, seq = up.result
+            return Reply("committed", {"object": o, "rev": rev, "seq": seq})
+        if up is not None and up.state == "open":
+            # A revision put cut off after its declaration: the resend stores the
+            # part and commits the upload.
+            held = set(up.received)
+            up.received.add(0)
+            try:
+                return self.commit(upload)
+            finally:
+                up.received = held
+        replaced = 0
+        if obj is not None:
+            o = self.objects.get(obj)
+            if o is None:
+                return Reply.error("not_found")
+            if o.kind != "file" or o.rev != base:
+                return Reply.error("conflict", rev=o.rev)
+            replaced = o.size
+        if self.used + self.reserved - replaced + part.size > self.quota:
+            return Reply.error("quota_exceeded")
+        fields: dict[str, Any] = {"rev": 1 if obj is None else (base or 0) + 1}
+        if obj is not None:
+            fields["object"] = obj
         fields["seq"] = self.seq + 1
         return Reply("committed", fields)
 

@@ -1,0 +1,360 @@
+"""``put``: a one-part file declared, sent and committed in one frame."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import secrets
+import time
+
+import httpx
+import pytest
+
+from server import keys
+from tests.conftest import unique
+from tests.support.client import SyncClient, part_spec, register_login
+
+
+async def _stored_keys(server, prefix: str) -> set[str]:
+    """Keys under ``prefix``, listed in the server's own loop (its S3 client lives there)."""
+
+    async def listing() -> set[str]:
+        return {info.key async for info in server.services.store.list(prefix)}
+
+    return await asyncio.to_thread(server.call, listing)
+
+
+async def _count(db, sql: str, *args) -> int:
+    return int(await db.fetchval(sql, *args))
+
+
+async def test_put_commits_a_new_file_that_every_device_gets(make_server, store_kind, db):
+    server = make_server(store_kind)
+    tokens = await register_login(server.http, unique("put"))
+    a = await SyncClient.connect(server.ws, tokens["access"], device="a")
+    b = await SyncClient.connect(server.ws, tokens["access"], device="b")
+    user = a.welcome["user"]
+    data = os.urandom(5000)
+    done = await a.put(a.put_frame(data))
+    assert done["t"] == "committed", done
+    assert done["rev"] == 1 and done["seq"] >= 1
+    change = await b.wait_for(lambda f: f["t"] == "change" and f["seq"] == done["seq"])
+    assert change["object"] == done["object"] and change["rev"] == 1
+    assert [p["size"] for p in change["parts"]] == [len(data)]
+    assert await b.download(change["parts"][0]["id"]) == data
+    assert await a.download(change["parts"][0]["id"]) == data
+    assert await _count(db, "SELECT used FROM users WHERE id = $1", user) == len(data)
+    # Straight to its final key: nothing was staged.
+    assert await _stored_keys(server, f"staging/{user}/") == set()
+    assert await _stored_keys(server, f"partitions/{user}/") == {
+        keys.partition_key(user, change["parts"][0]["id"])
+    }
+    await a.close()
+    await b.close()
+
+
+async def test_a_resent_put_gets_the_first_result_and_creates_nothing(server, alice, db):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    user = client.welcome["user"]
+    data = os.urandom(3000)
+    frame = client.put_frame(data)
+    first = await client.put(frame)
+    assert first["t"] == "committed", first
+    again = await client.put({**frame, "rid": client.rid()})
+    assert again["t"] == "committed", again
+    assert (again["object"], again["rev"], again["seq"]) == (
+        first["object"],
+        first["rev"],
+        first["seq"],
+    )
+    # Other bytes under the same id: still the first put's answer, not a second object.
+    other = await client.put({**client.put_frame(os.urandom(10)), "upload": frame["upload"]})
+    assert other["object"] == first["object"], other
+    assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == 1
+    assert await _count(db, "SELECT used FROM users WHERE id = $1", user) == len(data)
+    await asyncio.sleep(0.3)  # the resends' partitions are deleted in the background
+    assert len(await _stored_keys(server, f"partitions/{user}/")) == 1
+    await client.close()
+
+
+async def test_concurrent_resends_of_one_put_commit_once(server, alice, db):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    user = client.welcome["user"]
+    frame = client.put_frame(os.urandom(2000))
+    copies = [{**frame, "rid": client.rid()} for _ in range(5)]
+    for copy in copies:
+        await client.wait_credit(len(copy["data"]))
+        await client.send(copy)
+    replies = [await client.wait_for(lambda f, r=c["rid"]: f.get("rid") == r) for c in copies]
+    assert {r["t"] for r in replies} == {"committed"}, replies
+    assert len({(r["object"], r["seq"]) for r in replies}) == 1
+    assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == 1
+    await client.close()
+
+
+async def test_wrong_hash_or_size_stores_nothing_and_returns_the_credit(server, alice, db):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    user = client.welcome["user"]
+    window = client.welcome["limits"]["window"]
+    data = os.urandom(4000)
+    wrong_hash = {**part_spec(data), "sha256": hashlib.sha256(b"other").digest()}
+    wrong_size = {**part_spec(data), "size": len(data) + 1}
+    for spec in (wrong_hash, wrong_size):
+        refused = await client.put(client.put_frame(data, spec=spec))
+        assert refused["t"] == "error" and refused["code"] == "hash_mismatch", refused
+        assert refused["rid"] is not None and "upload" in refused
+    assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == 0
+    assert await _count(db, "SELECT count(*) FROM uploads WHERE user_id = $1", user) == 0
+    assert await _stored_keys(server, f"partitions/{user}/") == set()
+    # Every byte of the refused puts' credit comes back.
+    await client.wait_credit(window)
+    client.credit = window
+    big = os.urandom(client.welcome["limits"]["max_chunk"])
+    done = await client.put(client.put_frame(big))
+    assert done["t"] == "committed", done
+    await client.close()
+
+
+async def test_put_data_over_max_chunk_is_too_large(server, alice):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    data = os.urandom(client.welcome["limits"]["max_chunk"] + 1)
+    refused = await client.put(client.put_frame(data))
+    assert refused["t"] == "error" and refused["code"] == "too_large", refused
+    client.credit += len(data)  # not charged: the server dropped it at once
+    assert (await client.put(client.put_frame(b"fine")))["t"] == "committed"
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"upload": "short"}, "put.upload"),
+        ({"upload": "x" * 15 + "/"}, "put.upload"),
+        ({"part": None}, "put.part"),
+        ({"object": 5}, "go together"),
+        ({"data": "text"}, "put.data"),
+    ],
+)
+async def test_malformed_puts_close_the_session(server, alice, change, reason):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    frame = {**client.put_frame(b"abc"), **change}
+    if frame["part"] is None:
+        del frame["part"]
+    await client.send(frame)
+    code, why = await client.closed()
+    assert code == 4400 and reason in why, why
+
+
+async def test_put_a_new_revision_and_a_stale_one(server, alice, db):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    user = client.welcome["user"]
+    first = await client.put(client.put_frame(os.urandom(1000)))
+    obj = first["object"]
+    data = os.urandom(70_000)  # over the in-memory part size: spooled like a chunk
+    frame = client.put_frame(data, obj=obj, base=1)
+    second = await client.put(frame)
+    assert second["t"] == "committed" and second["object"] == obj and second["rev"] == 2, second
+    change = await client.wait_for(lambda f: f["t"] == "change" and f["seq"] == second["seq"])
+    assert await client.download(change["parts"][0]["id"]) == data
+    assert await _count(db, "SELECT used FROM users WHERE id = $1", user) == len(data)
+    stale = await client.put(client.put_frame(b"late", obj=obj, base=1))
+    assert stale["t"] == "error" and stale["code"] == "conflict" and stale["rev"] == 2, stale
+    # Refused at declaration: nothing left open to reserve the quota.
+    open_ = "SELECT count(*) FROM uploads WHERE user_id = $1 AND state = 'open'"
+    assert await _count(db, open_, user) == 0
+    # A resend of the committed revision gets its result, though its base is stale now.
+    resend = await client.put({**frame, "rid": client.rid()})
+    assert resend["t"] == "committed" and resend["seq"] == second["seq"], resend
+    await client.close()
+
+
+async def test_a_revision_put_cut_off_before_its_commit_finishes_when_resent(server, alice, db):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    user = client.welcome["user"]
+    obj = (await client.put(client.put_frame(b"v1")))["object"]
+    frame = client.put_frame(b"v2 of the file", obj=obj, base=1)
+    # The first attempt got as far as its declaration (as if the connection
+    # dropped right after): the resend stores the part and commits it.
+    upload = frame["upload"]
+    await db.execute(
+        """INSERT INTO uploads (id, user_id, object_id, base_rev, kind, enc_name, enc_mtime,
+               enc_key, salt, declared_parts, size, expires_at)
+           VALUES ($1, $2, $3, 1, 'file', '', '', '', '', 1, $4, now() + interval '1 hour')""",
+        upload,
+        user,
+        obj,
+        len(frame["data"]),
+    )
+    await db.execute(
+        "INSERT INTO upload_parts (upload_id, idx, size, sha256, enc_key, salt) "
+        "VALUES ($1, 0, $2, $3, $4, $5)",
+        upload,
+        frame["part"]["size"],
+        frame["part"]["sha256"],
+        frame["part"]["key"],
+        frame["part"]["salt"],
+    )
+    done = await client.put(frame)
+    assert done["t"] == "committed" and done["rev"] == 2, done
+    state = await db.fetchval("SELECT state FROM uploads WHERE id = $1", upload)
+    assert state == "committed"
+    await client.close()
+
+
+async def test_other_users_objects_and_ids_are_out_of_reach(server, alice, bob, db):
+    a = await SyncClient.connect(server.ws, alice["access"])
+    b = await SyncClient.connect(server.ws, bob["access"])
+    mine = await a.put(a.put_frame(b"alice's"))
+    theirs = await b.put(b.put_frame(b"x", obj=mine["object"], base=1))
+    assert theirs["t"] == "error" and theirs["code"] == "not_found", theirs
+    # Alice's put id, used by Bob: refused, and it says nothing about Alice's object.
+    frame = a.put_frame(b"alice again")
+    assert (await a.put(frame))["t"] == "committed"
+    taken = await b.put({**b.put_frame(b"bob's"), "upload": frame["upload"]})
+    assert taken["t"] == "error" and taken["code"] == "conflict", taken
+    assert "object" not in taken and "rev" not in taken
+    bob_id = b.welcome["user"]
+    assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", bob_id) == 0
+    await asyncio.sleep(0.3)  # refused partitions are deleted in the background
+    assert await _stored_keys(server, f"partitions/{bob_id}/") == set()
+    await a.close()
+    await b.close()
+
+
+async def test_put_over_the_quota_is_refused_and_keeps_nothing(make_server, db):
+    server = make_server(default_quota=1000)
+    tokens = await register_login(server.http, unique("putquota"))
+    client = await SyncClient.connect(server.ws, tokens["access"])
+    user = client.welcome["user"]
+    reserved = await client.start_upload([os.urandom(600)])  # reserves 600
+    assert reserved["t"] == "upload_ok"
+    over = await client.put(client.put_frame(os.urandom(500)))
+    assert over["t"] == "error" and over["code"] == "quota_exceeded", over
+    assert await _count(db, "SELECT used FROM users WHERE id = $1", user) == 0
+    await asyncio.sleep(0.3)  # the refused partition is deleted in the background
+    assert await _stored_keys(server, f"partitions/{user}/") == set()
+    fits = await client.put(client.put_frame(os.urandom(400)))
+    assert fits["t"] == "committed", fits
+    assert await _count(db, "SELECT used FROM users WHERE id = $1", user) == 400
+    await client.close()
+
+
+async def test_a_put_cut_off_by_a_dropped_connection_is_resent_once(server, alice, db):
+    user_client = await SyncClient.connect(server.ws, alice["access"])
+    user = user_client.welcome["user"]
+    frame = user_client.put_frame(os.urandom(30_000))
+    await user_client.send(frame)
+    user_client.ws.transport.abort()  # gone without a close handshake
+    again = await SyncClient.connect(server.ws, alice["access"])
+    done = await again.put({**frame, "rid": again.rid()})
+    assert done["t"] == "committed", done
+    assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == 1
+    change = await again.wait_for(lambda f: f["t"] == "change" and f["object"] == done["object"])
+    assert await again.download(change["parts"][0]["id"]) == frame["data"]
+    await again.close()
+
+
+async def test_puts_are_counted_as_commits(server, alice):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    before = server.services.counters.commits
+    for _ in range(3):
+        assert (await client.put(client.put_frame(secrets.token_bytes(50))))["t"] == "committed"
+    assert server.services.counters.commits == before + 3
+    await client.close()
+
+
+async def test_puts_refused_by_the_frame_rate_give_their_credit_back(make_server):
+    window = 256 * 1024
+    server = make_server(frame_rate=20, window=window, max_chunk=64 * 1024, max_frame=128 * 1024)
+    tokens = await register_login(server.http, unique("putflood"))
+    client = await SyncClient.connect(server.ws, tokens["access"])
+    frames = [client.put_frame(os.urandom(1024)) for _ in range(100)]
+    for frame in frames:
+        await client.wait_credit(len(frame["data"]))
+        await client.send(frame)
+    replies = [await client.wait_for(lambda f, r=f["rid"]: f.get("rid") == r) for f in frames]
+    refused = [r for r in replies if r["t"] == "error"]
+    assert refused and all(r["code"] == "rate_limited" and r["retry"] for r in refused)
+    assert len(refused) < len(replies)
+    await client.wait_credit(window)  # every byte is back, refused puts' too
+    await client.close()
+
+
+async def test_put_data_counts_against_the_byte_rate(make_server):
+    rate = 256 * 1024
+    server = make_server(byte_rate=rate, window=rate, max_chunk=64 * 1024, max_frame=128 * 1024)
+    tokens = await register_login(server.http, unique("putslow"))
+    client = await SyncClient.connect(server.ws, tokens["access"])
+    started = time.monotonic()
+    for _ in range(12):  # 3 x rate in all: the burst, then >= 2 s
+        assert (await client.put(client.put_frame(os.urandom(64 * 1024))))["t"] == "committed"
+    elapsed = time.monotonic() - started
+    assert elapsed >= 1.8, f"{12 * 64} KiB of puts in {elapsed:.2f}s at {rate} B/s"
+    await client.close()
+
+
+def _rest_put(frame: dict) -> dict:
+    """A WebSocket ``put`` frame as the JSON body of ``POST /v1/put``."""
+
+    def b64(value: bytes) -> str:
+        return base64.b64encode(value).decode()
+
+    body = {
+        "upload": frame["upload"],
+        "meta": {k: b64(v) for k, v in frame["meta"].items()},
+        "part": {
+            "size": frame["part"]["size"],
+            **{k: b64(frame["part"][k]) for k in ("sha256", "key", "salt")},
+        },
+        "data": b64(frame["data"]),
+    }
+    for name in ("object", "base"):
+        if name in frame:
+            body[name] = frame[name]
+    return body
+
+
+async def test_put_over_rest_is_the_same_put(server, alice, db):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    user = client.welcome["user"]
+    headers = {"Authorization": f"Bearer {alice['access']}"}
+    data = os.urandom(2000)
+    frame = client.put_frame(data)
+    async with httpx.AsyncClient(base_url=server.http, headers=headers) as http:
+        r = await http.post("/v1/put", json=_rest_put(frame))
+        assert r.status_code == 200, r.text
+        done = r.json()
+        assert done["rev"] == 1 and done["seq"] >= 1
+        # The WebSocket session sees it as a change, and a resend on either side
+        # (same id) gets the same answer.
+        change = await client.wait_for(lambda f: f["t"] == "change" and f["seq"] == done["seq"])
+        assert await client.download(change["parts"][0]["id"]) == data
+        again = await http.post("/v1/put", json=_rest_put(frame))
+        assert again.status_code == 200 and again.json() == done
+        ws_again = await client.put({**frame, "rid": client.rid()})
+        assert (ws_again["object"], ws_again["seq"]) == (done["object"], done["seq"])
+        # A new revision over REST, then a stale one.
+        rev2 = client.put_frame(b"second", obj=done["object"], base=1)
+        r = await http.post("/v1/put", json=_rest_put(rev2))
+        assert r.status_code == 200 and r.json()["rev"] == 2, r.text
+        stale = client.put_frame(b"third", obj=done["object"], base=1)
+        r = await http.post("/v1/put", json=_rest_put(stale))
+        assert r.status_code == 409 and r.json()["error"]["rev"] == 2, r.text
+        # Bad input: the same checks as the frame, as JSON errors.
+        wrong = client.put_frame(data, spec={**part_spec(data), "sha256": bytes(32)})
+        r = await http.post("/v1/put", json=_rest_put(wrong))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "hash_mismatch", r.text
+        r = await http.post("/v1/put", json={**_rest_put(client.put_frame(data)), "upload": "x"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_frame", r.text
+        r = await http.post("/v1/put", json={**_rest_put(client.put_frame(data)), "data": "%%"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_frame", r.text
+        big = os.urandom(client.welcome["limits"]["max_chunk"] + 1)
+        r = await http.post("/v1/put", json=_rest_put(client.put_frame(big)))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
+    async with httpx.AsyncClient(base_url=server.http) as anonymous:
+        r = await anonymous.post("/v1/put", json=_rest_put(client.put_frame(data)))
+        assert r.status_code == 401, r.text
+    assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == 1
+    await client.close()
