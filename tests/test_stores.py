@@ -5,8 +5,11 @@ talking to a real S3 endpoint (a moto server process, or MinIO from the environm
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import os
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,6 +27,7 @@ from server.stores import (
     StoreError,
     make_store,
 )
+from server.stores import local as local_module
 from server.stores import s3 as s3_module
 from server.stores.s3 import MAX_CONNECTIONS as S3_MAX_CONNECTIONS
 from server.stores.s3 import PART_SIZE
@@ -577,3 +581,97 @@ async def test_local_put_meets_a_prune_of_its_directory(
     assert pruned, "the interleaving did not happen"
     assert b"".join([piece async for piece in store.read(key)]) == b"part 1"
     assert await store.stat(f"{area}/1/u/0") is None
+
+
+# ------------------------------------------------------------ group sync
+
+
+def _counting_syncfs(calls: list[int], fail: bool = False) -> Callable[[int], int]:
+    """A stand-in for syncfs(2) that really syncs (os.sync) and counts its calls."""
+
+    def syncfs(fd: int) -> int:
+        calls.append(fd)
+        if fail:
+            ctypes.set_errno(errno.EIO)
+            return -1
+        os.sync()
+        return 0
+
+    return syncfs
+
+
+@pytest.mark.skipif(local_module._syncfs is None, reason="syncfs(2) is Linux-only")
+async def test_small_puts_at_once_share_syncs(tmp_path: Path, monkeypatch) -> None:
+    store = LocalStore(tmp_path / "blobs")
+    await store.start()
+    calls: list[int] = []
+    assert store._group is not None
+    monkeypatch.setattr(store._group, "_syncfs", _counting_syncfs(calls))
+    blobs = {f"partitions/{i % 3}/{i}": os.urandom(100 + i) for i in range(60)}
+    await asyncio.gather(*(store.put_bytes(k, v) for k, v in blobs.items()))
+    for key, data in blobs.items():
+        assert b"".join([c async for c in store.read(key)]) == data
+    assert 1 <= len(calls) < len(blobs)  # batched, and never without a sync
+    names = [p.name for p in store.root.rglob("*")]
+    assert not [n for n in names if n.startswith(".")], "no temp files left"
+    # Larger than a small put: fsynced alone, not batched.
+    calls.clear()
+    await store.put_bytes("partitions/0/big", os.urandom(store._group.MAX_BYTES + 1))
+    assert calls == []
+
+
+@pytest.mark.skipif(local_module._syncfs is None, reason="syncfs(2) is Linux-only")
+async def test_a_failed_sync_fails_every_put_of_its_batch(tmp_path: Path, monkeypatch) -> None:
+    store = LocalStore(tmp_path / "blobs")
+    await store.start()
+    calls: list[int] = []
+    assert store._group is not None
+    monkeypatch.setattr(store._group, "_syncfs", _counting_syncfs(calls, fail=True))
+    results = await asyncio.gather(
+        *(store.put_bytes(f"staging/1/u{i}/0", b"x") for i in range(10)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, StoreError) and "syncfs" in str(r) for r in results), results
+    monkeypatch.setattr(store._group, "_syncfs", _counting_syncfs(calls))
+    await store.put_bytes("staging/1/later/0", b"fine")  # the batcher carries on
+    assert b"".join([c async for c in store.read("staging/1/later/0")]) == b"fine"
+
+
+@pytest.mark.skipif(local_module._syncfs is None, reason="syncfs(2) is Linux-only")
+async def test_a_cancelled_small_put_leaves_the_others_alone(tmp_path: Path, monkeypatch) -> None:
+    store = LocalStore(tmp_path / "blobs")
+    await store.start()
+    assert store._group is not None
+    gate = threading.Event()
+    real = local_module._write_atomic
+
+    def slow_write(dest: Path, fill: Callable[..., object], *, sync: bool = True) -> None:
+        gate.wait(5)
+        real(dest, fill, sync=sync)
+
+    monkeypatch.setattr(local_module, "_write_atomic", slow_write)
+    tasks = [asyncio.create_task(store.put_bytes(f"staging/2/u{i}/0", b"y")) for i in range(5)]
+    await asyncio.sleep(0.05)
+    tasks[0].cancel()
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert results[1:] == [None] * 4
+    await store.put_bytes("staging/2/after/0", b"z")
+    assert await store.stat("staging/2/after/0") is not None
+
+
+async def test_without_group_sync_small_puts_fsync_alone(tmp_path: Path, monkeypatch) -> None:
+    store = LocalStore(tmp_path / "blobs", group_sync=False)
+    await store.start()
+    assert store._group is None
+    synced: list[int] = []
+    fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        fsync(fd)
+
+    monkeypatch.setattr(local_module.os, "fsync", counting_fsync)
+    await store.put_bytes("partitions/3/a", b"alone")
+    assert len(synced) == 2  # the file and its directory
