@@ -204,6 +204,20 @@ def run(smoke: bool = False) -> list[Result]:
     n = main["sessions"]
     settings = f"{n} sessions of {n} users, 1 KiB files, {r['seconds']:.0f} s, LocalStore"
     base_name = f"bare asyncpg BEGIN; INSERT; pg_notify; COMMIT on {n} connections"
+
+    def row(phase: dict[str, Any], name: str, settings: str, notes: str) -> Result:
+        return Result(
+            benchmark=name,
+            figure=phase["rate"],
+            unit="commits/s",
+            target=">= 1,000 commits/s, >= 50 % of baseline",
+            met=phase["rate"] >= 1000 and phase["rate"] >= 0.5 * base,
+            baseline=base,
+            baseline_name=base_name,
+            settings=settings,
+            notes=notes,
+        )
+
     note = _note(main)
     stall = main["stall"]
     if stall:
@@ -215,51 +229,28 @@ def run(smoke: bool = False) -> list[Result]:
             + "; "
             + note
         )
-    out = [
-        Result(
-            benchmark=f"small-file commits, {n} concurrent sessions",
-            figure=main["rate"],
-            unit="commits/s",
-            target=">= 1,000 commits/s, >= 50 % of baseline",
-            met=main["rate"] >= 1000 and main["rate"] >= 0.5 * base,
-            baseline=base,
-            baseline_name=base_name,
-            settings=settings,
-            notes=note,
-        )
-    ]
+    out = [row(main, f"small-file commits, {n} concurrent sessions", settings, note)]
     safe = r["safe"]
     if safe:
         s_n = safe["sessions"]
         out.append(
-            Result(
-                benchmark=f"small-file commits, {s_n} concurrent sessions (fewer than the pool)",
-                figure=safe["rate"],
-                unit="commits/s",
-                target=">= 1,000 commits/s, >= 50 % of baseline",
-                met=safe["rate"] >= 1000 and safe["rate"] >= 0.5 * base,
-                baseline=base,
-                baseline_name=base_name,
-                settings=f"{s_n} sessions of {s_n} users, 1 KiB files, {r['seconds']:.0f} s, "
+            row(
+                safe,
+                f"small-file commits, {s_n} concurrent sessions (fewer than the pool)",
+                f"{s_n} sessions of {s_n} users, 1 KiB files, {r['seconds']:.0f} s, "
                 "LocalStore; after the phase above, same server: fewer commits in flight than "
                 "pooled connections, so no commit can wait for a connection held by another",
-                notes=_note(safe) + (f"; it stalled too: {safe['stall']}" if safe["stall"] else ""),
+                _note(safe) + (f"; it stalled too: {safe['stall']}" if safe["stall"] else ""),
             )
         )
     put = r["put"]
     out.append(
-        Result(
-            benchmark=f"small-file commits, {n} concurrent sessions, one put frame per file",
-            figure=put["rate"],
-            unit="commits/s",
-            target=">= 1,000 commits/s, >= 50 % of baseline",
-            met=put["rate"] >= 1000 and put["rate"] >= 0.5 * base,
-            baseline=base,
-            baseline_name=base_name,
-            settings=f"{n} sessions of {n} users, 1 KiB files, {r['seconds']:.0f} s, "
-            "LocalStore; after the two phases above, same server: each file is one `put` "
+        row(
+            put,
+            f"small-file commits, {n} concurrent sessions, one put frame per file",
+            f"{settings}; after the two phases above, same server: each file is one `put` "
             "(what the SDK sends for a file of one part up to max_chunk)",
-            notes=_note(put) + (f"; it stalled: {put['stall']}" if put["stall"] else ""),
+            _note(put) + (f"; it stalled: {put['stall']}" if put["stall"] else ""),
         )
     )
     return out

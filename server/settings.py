@@ -56,6 +56,10 @@ class Settings:
     s3_create_buckets: bool = field(
         default=True, metadata=_h("create the buckets at start when they are missing")
     )
+    local_group_sync: bool = field(
+        default=True,
+        metadata=_h("local store: make small writes durable together, one syncfs per batch"),
+    )
     jwt_secret: str = field(
         default="",
         metadata=_h("HMAC key for access tokens; empty generates one in data_dir (one node only)"),

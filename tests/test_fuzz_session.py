@@ -1123,14 +1123,7 @@ class Driver:
             up = m.uploads.get(what)
             row = uploads.get(what)
             if up is not None and up.state == "open" and row and row["state"] == "committed":
-                expected = m.commit(what)
-                assert expected.t == "committed", (expected, dict(row))
-                got = {"object": row["result_object"], "rev": row["result_rev"]}
-                got["seq"] = row["result_seq"]
-                assert all(got[k] == v for k, v in expected.fields.items()), (expected, got)
-                o = m.apply_commit(what, *got.values())
-                await self.learn(o)
-                self.note(f"   the cut-off commit happened: {got}")
+                await self.committed_meanwhile(what, row, "commit")
                 self.env.stats["drop: commit happened"] += 1
         elif kind == "put":
             frame, part = what
@@ -1146,14 +1139,7 @@ class Driver:
                 if row["state"] == "committed" or 0 in received.get(pid, set()):
                     m.part_stored(None, pid, 0)
                 if row["state"] == "committed":
-                    expected = m.commit(pid)
-                    assert expected.t == "committed", (expected, dict(row))
-                    got = {"object": row["result_object"], "rev": row["result_rev"]}
-                    got["seq"] = row["result_seq"]
-                    assert all(got[k] == v for k, v in expected.fields.items()), (expected, got)
-                    o = m.apply_commit(pid, *got.values())
-                    await self.learn(o)
-                    self.note(f"   the cut-off put committed: {got}")
+                    await self.committed_meanwhile(pid, row, "put")
             elif up is not None and up.state == "open" and row is None:
                 m.apply_abort(pid)  # its commit met a conflict, and it was aborted
             self.env.stats[f"drop: put {row['state'] if row else 'lost'}"] += 1
@@ -1168,8 +1154,10 @@ class Driver:
             row = objects.get(what)
             if o is not None and row is not None and row["rev"] != o.rev:
                 expected = m.delete(what, o.rev)
-                assert row["status"] == "deleted" and row["rev"] == o.rev + 1, dict(row)
-                assert head["change_seq"] == m.seq + 1
+                assert expected.t == "committed", (expected, dict(row))
+                assert row["status"] == "deleted", dict(row)
+                assert row["rev"] == expected.fields["rev"], (expected, dict(row))
+                assert head["change_seq"] == expected.fields["seq"]
                 m.apply_delete(what, row["rev"], head["change_seq"])
                 self.note("   the cut-off delete happened")
                 self.env.stats["drop: delete happened"] += 1
@@ -1198,6 +1186,18 @@ class Driver:
             got = (row["kind"], row["rev"], row["status"], row["size"])
             assert got == (o.kind, o.rev, o.status, o.size), (oid, got, o)
         assert (head["used"], head["change_seq"]) == (m.used, m.seq), (dict(head), m.used, m.seq)
+
+    async def committed_meanwhile(self, upload: str, row: asyncpg.Record, what: str) -> None:
+        """A cut-off request committed ``upload``: the database's result must be what
+        the model predicts for a commit now; then the model takes it."""
+        expected = self.model.commit(upload)
+        assert expected.t == "committed", (expected, dict(row))
+        got = {"object": row["result_object"], "rev": row["result_rev"]}
+        got["seq"] = row["result_seq"]
+        assert all(got[k] == v for k, v in expected.fields.items()), (expected, got)
+        o = self.model.apply_commit(upload, *got.values())
+        await self.learn(o)
+        self.note(f"   the cut-off {what} committed: {got}")
 
     async def learn(self, o: MObject) -> None:
         """The part ids of a new revision (REST), checked against the model on the way."""
@@ -1597,6 +1597,20 @@ def test_regression_part_of_an_upload_closed_on_another_session(fuzz: FuzzEnv, c
     fuzz.run(program)
 
 
+async def _one_part_upload(
+    server: RunningServer, name: str, seed: int, size: int
+) -> tuple[Conn, str, bytes]:
+    """A new user's session with one declared upload of one part (not sent yet)."""
+    tokens = await register_login(server.http, unique(name))
+    conn = await Conn.open(server.ws, tokens["access"], "device")
+    data = blob(seed, 0, size)
+    spec = PartData(data, b"k", b"s").spec()
+    _, ok = await conn.request(
+        {"t": "upload", "kind": "file", "meta": make_meta(seed), "parts": [spec]}
+    )
+    return conn, ok["upload"], data
+
+
 class _SlowLockReplies:
     """``lock_pool`` whose connections receive the reply to ``pg_advisory_lock`` late
     (a slow network to the database): the lock is held while the caller still waits."""
@@ -1693,14 +1707,7 @@ def test_regression_abort_cut_off_by_a_disconnect_leaves_staged_parts(
     monkeypatch.setattr(store, "delete_many", slow_delete_many)
 
     async def scenario() -> None:
-        tokens = await register_login(server.http, unique("abort"))
-        conn = await Conn.open(server.ws, tokens["access"], "device")
-        data = blob(5, 0, 100)
-        spec = PartData(data, b"k", b"s").spec()
-        _, ok = await conn.request(
-            {"t": "upload", "kind": "file", "meta": make_meta(5), "parts": [spec]}
-        )
-        upload = ok["upload"]
+        conn, upload, data = await _one_part_upload(server, "abort", 5, 100)
         await conn.chunk(upload, 0, 0, data)
         stored = await conn.take(lambda f: f["t"] in ("part_ok", "error"))
         assert stored["t"] == "part_ok", stored
@@ -1773,14 +1780,7 @@ def test_regression_part_stored_while_its_upload_is_aborted_is_left_staged(
     monkeypatch.setattr(store, "put_bytes", slow_put_bytes)
 
     async def scenario() -> None:
-        tokens = await register_login(server.http, unique("abortrace"))
-        conn = await Conn.open(server.ws, tokens["access"], "device")
-        data = blob(6, 0, 300)
-        spec = PartData(data, b"k", b"s").spec()
-        _, ok = await conn.request(
-            {"t": "upload", "kind": "file", "meta": make_meta(6), "parts": [spec]}
-        )
-        upload = ok["upload"]
+        conn, upload, data = await _one_part_upload(server, "abortrace", 6, 300)
         await conn.chunk(upload, 0, 0, data)  # complete: on its way into staging
         await asyncio.sleep(0.05)
         rid = conn.rid()

@@ -518,6 +518,9 @@ def test_make_store(tmp_path: Path) -> None:
     local = make_store(Settings(data_dir=tmp_path))
     assert isinstance(local, LocalStore)
     assert local.root == tmp_path / "blobs"
+    assert (local._group is not None) == (local_module._syncfs is not None)
+    alone = make_store(Settings(data_dir=tmp_path, local_group_sync=False))
+    assert isinstance(alone, LocalStore) and alone._group is None
     remote = make_store(Settings(data_dir=tmp_path, s3_endpoint="127.0.0.1:9"))
     assert isinstance(remote, S3Store)
 

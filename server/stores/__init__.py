@@ -35,4 +35,4 @@ def make_store(settings: Settings) -> BlobStore:
             partitions_bucket=settings.s3_partitions_bucket,
             create_buckets=settings.s3_create_buckets,
         )
-    return LocalStore(settings.data_dir / "blobs")
+    return LocalStore(settings.data_dir / "blobs", group_sync=settings.local_group_sync)
