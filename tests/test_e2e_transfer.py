@@ -231,7 +231,10 @@ async def test_concurrent_downloads_interleave_and_control_frames_pass_data(make
     server = make_server(max_chunk=64 * 1024, max_frame=128 * 1024)
     alice = await register_login(server.http, f"u-{os.urandom(4).hex()}")
     client = await SyncClient.connect(server.ws, alice["access"], small_buffers=True)
-    big = random_parts([4_000_000, 4_000_000])  # 62 data frames each
+    # Large enough that kernel socket buffers cannot hold one whole download: on a
+    # loaded machine the first could otherwise be sent in full before the second
+    # read its first bytes (seen: 2 failures in 6 runs beside two busy loops).
+    big = random_parts([12_000_000, 12_000_000])  # 184 data frames each
     done = await client.push(big)
     obj = await client_object(server, alice, done["object"])
     ids = [p["id"] for p in obj["parts"]]
