@@ -559,30 +559,28 @@ async def download(request: Request) -> Response:
 # ----------------------------------------------------------------- uploads
 
 
+def _meta_json(raw: Any) -> dict[str, bytes]:
+    """``meta`` of a JSON request, its base64 fields decoded (checked by the protocol)."""
+    if not isinstance(raw, dict):
+        raise FrameError("meta must be an object")
+    return {k: _b64(raw.get(k), f"meta.{k}") for k in ("name", "mtime", "key", "salt")}
+
+
+def _part_json(raw: Any, where: str) -> dict[str, Any]:
+    """One part spec of a JSON request, its base64 fields decoded."""
+    if not isinstance(raw, dict):
+        raise FrameError(f"{where} must be an object")
+    fields = {k: _b64(raw.get(k), f"{where}.{k}") for k in ("sha256", "key", "salt")}
+    return {"size": raw.get("size"), **fields}
+
+
 def _upload_frame(data: dict[str, Any], request: Request) -> UploadFrame:
     limits = services(request).settings.limits
-    meta_raw = data.get("meta")
-    if not isinstance(meta_raw, dict):
-        raise FrameError("meta must be an object")
-    meta = parse_meta(
-        {"meta": {k: _b64(meta_raw.get(k), f"meta.{k}") for k in ("name", "mtime", "key", "salt")}}
-    )
+    meta = parse_meta({"meta": _meta_json(data.get("meta"))})
     parts_raw = data.get("parts")
     if not isinstance(parts_raw, list):
         raise FrameError("parts must be a list")
-    decoded = []
-    for i, p in enumerate(parts_raw):
-        if not isinstance(p, dict):
-            raise FrameError(f"parts[{i}] must be an object")
-        decoded.append(
-            {
-                "size": p.get("size"),
-                "sha256": _b64(p.get("sha256"), f"parts[{i}].sha256"),
-                "key": _b64(p.get("key"), f"parts[{i}].key"),
-                "salt": _b64(p.get("salt"), f"parts[{i}].salt"),
-            }
-        )
-    parts = parse_parts(decoded, limits)
+    parts = parse_parts([_part_json(p, f"parts[{i}]") for i, p in enumerate(parts_raw)], limits)
     kind = data.get("kind")
     if kind not in ("file", "dir") or (kind == "dir" and parts):
         raise FrameError("kind must be 'file' or 'dir' (a dir has no parts)")
@@ -689,11 +687,7 @@ async def put_file(request: Request) -> Response:
 
 def _put_frame(data: dict[str, Any], request: Request) -> PutFrame:
     limits = services(request).settings.limits
-    meta_raw, part_raw = data.get("meta"), data.get("part")
-    if not isinstance(meta_raw, dict):
-        raise FrameError("meta must be an object")
-    if not isinstance(part_raw, dict):
-        raise FrameError("part must be an object")
+    meta, part = _meta_json(data.get("meta")), _part_json(data.get("part"), "part")
     body = _b64(data.get("data"), "data")
     if len(body) > limits.max_chunk:
         raise ApiError(
@@ -703,11 +697,8 @@ def _put_frame(data: dict[str, Any], request: Request) -> PutFrame:
         "t": "put",
         "rid": 0,
         "upload": data.get("upload"),
-        "meta": {k: _b64(meta_raw.get(k), f"meta.{k}") for k in ("name", "mtime", "key", "salt")},
-        "part": {
-            "size": part_raw.get("size"),
-            **{k: _b64(part_raw.get(k), f"part.{k}") for k in ("sha256", "key", "salt")},
-        },
+        "meta": meta,
+        "part": part,
         "data": body,
     }
     for name in ("object", "base"):

@@ -445,7 +445,7 @@ class Uploads:
             raise
         try:
             if 0 not in rec.received:
-                await self._stage(rec, frame.data)
+                await self._stage(rec, frame)
             return await self.commit(user, frame.upload, device, frame.rid)
         except RequestError as exc:
             if exc.code != ErrorCode.CONFLICT:
@@ -455,15 +455,20 @@ class Uploads:
                 await self.abort(user, frame.upload)
             raise
 
-    async def _stage(self, rec: UploadRecord, data: bytes) -> None:
-        """A put's part into staging, as if its chunks had arrived."""
-        writer = self.writer(rec, 0)
-        try:
-            await writer.call(writer.write_blocking, data)
-        except BaseException:
-            await writer.call(writer.discard_blocking)
-            raise
-        await self.store_part(rec, writer)
+    async def _stage(self, rec: UploadRecord, frame: Put) -> None:
+        """A put's part, in memory and already checked against ``frame.part``, into
+        staging: no spool file and no second hash, unlike a part sent in chunks.
+        A resend that found an earlier declaration must match that one."""
+        if (frame.part.size, frame.part.sha256) != (rec.sizes[0], rec.hashes[0]):
+            raise RequestError(
+                ErrorCode.HASH_MISMATCH,
+                "data does not match the part declared under this upload id",
+                rid=frame.rid,
+                upload=frame.upload,
+                part=0,
+            )
+        await self.store.put_bytes(keys.staging_key(rec.user, rec.id, 0), frame.data)
+        await self._mark_received(rec, 0)
 
     async def _prior_put(self, user: int, frame: Put) -> CommitResult | None:
         """The result of an earlier put with this id; None if there is no upload
@@ -522,6 +527,11 @@ class Uploads:
                 await self.store.put_file(key, writer.path, writer.size, move=True)
         finally:
             await writer.call(writer.discard_blocking)
+        await self._mark_received(rec, writer.index)
+
+    async def _mark_received(self, rec: UploadRecord, index: int) -> None:
+        """Record a part durable in staging; if its upload closed meanwhile (committed
+        or aborted, e.g. on another session), delete the staged copy instead."""
         # Separate statements, each committed on its own: one statement locking the
         # part row and then the upload row deadlocked against abort, whose cascade
         # locks them the other way round.
@@ -531,17 +541,17 @@ class Uploads:
                  AND u.state = 'open' AND NOT p.received
                RETURNING 1""",
             rec.id,
-            writer.index,
+            index,
         )
         still_open = flipped or await self.pool.fetchval(
             "SELECT 1 FROM uploads WHERE id = $1 AND state = 'open'", rec.id
         )
-        if not still_open:  # committed or aborted meanwhile (e.g. on another session)
-            self._cleanup([keys.staging_key(rec.user, rec.id, writer.index)])
+        if not still_open:
+            self._cleanup([keys.staging_key(rec.user, rec.id, index)])
             raise RequestError(
-                ErrorCode.NOT_FOUND, "the upload is closed", upload=rec.id, part=writer.index
+                ErrorCode.NOT_FOUND, "the upload is closed", upload=rec.id, part=index
             )
-        rec.received.add(writer.index)
+        rec.received.add(index)
 
     # ------------------------------------------------------------- commit
 

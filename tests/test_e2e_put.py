@@ -170,36 +170,62 @@ async def test_put_a_new_revision_and_a_stale_one(server, alice, db):
     await client.close()
 
 
-async def test_a_revision_put_cut_off_before_its_commit_finishes_when_resent(server, alice, db):
-    client = await SyncClient.connect(server.ws, alice["access"])
-    user = client.welcome["user"]
-    obj = (await client.put(client.put_frame(b"v1")))["object"]
-    frame = client.put_frame(b"v2 of the file", obj=obj, base=1)
-    # The first attempt got as far as its declaration (as if the connection
-    # dropped right after): the resend stores the part and commits it.
-    upload = frame["upload"]
+async def _declared_only(db, user: int, obj: int, frame: dict) -> None:
+    """As if a first attempt of ``frame`` got as far as its declaration and no
+    further (the connection dropped right after)."""
     await db.execute(
         """INSERT INTO uploads (id, user_id, object_id, base_rev, kind, enc_name, enc_mtime,
                enc_key, salt, declared_parts, size, expires_at)
            VALUES ($1, $2, $3, 1, 'file', '', '', '', '', 1, $4, now() + interval '1 hour')""",
-        upload,
+        frame["upload"],
         user,
         obj,
-        len(frame["data"]),
+        frame["part"]["size"],
     )
     await db.execute(
         "INSERT INTO upload_parts (upload_id, idx, size, sha256, enc_key, salt) "
         "VALUES ($1, 0, $2, $3, $4, $5)",
-        upload,
+        frame["upload"],
         frame["part"]["size"],
         frame["part"]["sha256"],
         frame["part"]["key"],
         frame["part"]["salt"],
     )
+
+
+async def test_a_revision_put_cut_off_before_its_commit_finishes_when_resent(server, alice, db):
+    client = await SyncClient.connect(server.ws, alice["access"])
+    user = client.welcome["user"]
+    obj = (await client.put(client.put_frame(b"v1")))["object"]
+    frame = client.put_frame(b"v2 of the file", obj=obj, base=1)
+    upload = frame["upload"]
+    await _declared_only(db, user, obj, frame)  # the resend stores the part and commits
     done = await client.put(frame)
     assert done["t"] == "committed" and done["rev"] == 2, done
     state = await db.fetchval("SELECT state FROM uploads WHERE id = $1", upload)
     assert state == "committed"
+    await client.close()
+
+
+async def test_a_resend_with_other_bytes_than_its_declaration_is_refused(server, alice, db):
+    """The data matches the resend's own ``part``, but not the part the first attempt
+    declared under the same id: nothing is stored, the upload stays as it was."""
+    client = await SyncClient.connect(server.ws, alice["access"])
+    user = client.welcome["user"]
+    obj = (await client.put(client.put_frame(b"v1")))["object"]
+    first = client.put_frame(b"what was declared", obj=obj, base=1)
+    await _declared_only(db, user, obj, first)
+    other = {**client.put_frame(b"other bytes", obj=obj, base=1), "upload": first["upload"]}
+    refused = await client.put(other)
+    assert refused["t"] == "error" and refused["code"] == "hash_mismatch", refused
+    row = await db.fetchrow(
+        "SELECT u.state, p.received FROM uploads u JOIN upload_parts p ON p.upload_id = u.id "
+        "WHERE u.id = $1",
+        first["upload"],
+    )
+    assert (row["state"], row["received"]) == ("open", False)
+    assert await _stored_keys(server, f"staging/{user}/") == set()
+    assert (await client.put({**first, "rid": client.rid()}))["rev"] == 2  # the right bytes
     await client.close()
 
 

@@ -1123,6 +1123,11 @@ class Driver:
             up = m.uploads.get(what)
             row = uploads.get(what)
             if up is not None and up.state == "open" and row and row["state"] == "committed":
+                # It committed, so this session's parts in flight were stored first
+                # (§4.5); a committed upload's part rows are gone, so say so here.
+                for p in [p for p in maybe if p.upload == what and p.matches and not p.closed]:
+                    m.part_stored(None, p.upload, p.part)
+                    maybe.remove(p)
                 await self.committed_meanwhile(what, row, "commit")
                 self.env.stats["drop: commit happened"] += 1
         elif kind == "put":

@@ -256,11 +256,12 @@ class _GroupSync:
             self._pending.append((dest, data, done))
             start, self._draining = not self._draining, True
         if start:
-            loop.run_in_executor(None, self._drain, loop)
+            loop.run_in_executor(None, self._drain)
         await done
 
-    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: write and rename every pending file, sync once, answer all."""
+    def _drain(self) -> None:
+        """Worker thread: write and rename every pending file, sync once, answer all
+        (each in its own event loop)."""
         while True:
             with self._lock:
                 batch, self._pending = self._pending, []
@@ -276,7 +277,8 @@ class _GroupSync:
                 else:
                     outcomes.append((done, None))
             failed = self._sync()
-            loop.call_soon_threadsafe(_settle, outcomes, failed)
+            for done, exc in outcomes:
+                done.get_loop().call_soon_threadsafe(_answer, done, exc or failed)
 
     def _sync(self) -> OSError | None:
         """The failure, if the batch may not be durable (every caller then fails)."""
@@ -293,16 +295,13 @@ class _GroupSync:
         return None
 
 
-def _settle(
-    outcomes: list[tuple[asyncio.Future[None], BaseException | None]], failed: OSError | None
-) -> None:
-    for done, exc in outcomes:
-        if done.done():  # the caller went away
-            continue
-        if exc or failed:
-            done.set_exception(exc or failed)  # type: ignore[arg-type]
-        else:
-            done.set_result(None)
+def _answer(done: asyncio.Future[None], exc: BaseException | None) -> None:
+    if done.done():  # the caller went away
+        return
+    if exc is None:
+        done.set_result(None)
+    else:
+        done.set_exception(exc)
 
 
 class LocalStore:
@@ -359,8 +358,11 @@ class LocalStore:
             dest = self._path(key)
             try:
                 await self._group.put(dest, data)
-            except OSError as exc:
+            except (OSError, StoreError) as exc:
+                # As in _put: a failed first write leaves no directories.
                 await asyncio.to_thread(self._prune, dest.parent)
+                if isinstance(exc, StoreError):
+                    raise
                 raise StoreError(f"cannot store {key}: {exc}") from exc
             return
         await self._put(key, lambda out: out.write(data))
