@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any, Protocol
 
 import asyncpg
 
 from protocol.codec import encode
+from server.groupcommit import GroupCommit
 from server.objects import object_map
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ BATCH = 500
 
 # One statement, so the parts come from the same snapshot as the object row (two
 # statements could pair rev N's row with rev N+1's parts).
-_READ = """
+_READ_ONE = """
 SELECT o.id, o.kind, o.rev, st.status, o.size, o.enc_name, o.enc_mtime, o.enc_key, o.salt,
        o.origin, a.seq, p.ids, p.sizes, p.hashes, p.keys, p.salts
 FROM access_list a
@@ -36,9 +38,17 @@ LEFT JOIN LATERAL (
            array_agg(p.enc_key ORDER BY p.idx) AS keys, array_agg(p.salt ORDER BY p.idx) AS salts
     FROM partitions p
     WHERE p.object_id = o.id AND p.rev = o.rev AND st.status = 'active') p ON true
-WHERE a.user_id = $1 AND a.seq > $2
+WHERE a.user_id = {user} AND a.seq > {after}
 ORDER BY a.seq
-LIMIT $3"""
+LIMIT {limit}"""
+_READ = _READ_ONE.format(user="$1", after="$2", limit="$3")
+
+#: ``_READ`` for several (user, cursor) pairs in one statement: ``k.n`` is the
+#: pair's index (from 1), the rows of each pair come in seq order.
+_READ_MANY = f"""
+SELECT k.n, r.* FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS k(user_id, after, n)
+CROSS JOIN LATERAL ({_READ_ONE.format(user="k.user_id", after="k.after", limit="$3")}) r
+ORDER BY k.n, r.seq"""
 
 
 def _change(row: asyncpg.Record) -> dict[str, Any]:
@@ -100,6 +110,11 @@ class FeedReader:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Reads that went to the database (visible to tests and benchmarks).
         self.reads = 0
+        #: Pushes for different users read in one statement: a burst of commits by
+        #: many users is one read, not one each.
+        self.push_reads: GroupCommit[tuple[int, int], list[EncodedChange]] = GroupCommit(
+            self._read_many, self._read_pair, self._spawn, split_on=asyncpg.PostgresError
+        )
 
     async def read(self, user: int, after: int, *, fresh: bool) -> list[EncodedChange]:
         key = (user, after)
@@ -121,17 +136,21 @@ class FeedReader:
         push = self._pushes.get(key)
         if push is None:
             push = self._pushes[key] = _Push()
-            task = asyncio.create_task(self._push(key, push))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._push(key, push))
         push.targets.append(target)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _push(self, key: tuple[int, int], push: _Push) -> None:
         push.started = True
         if self._pushes.get(key) is push:
             del self._pushes[key]
         try:
-            changes = await self._read(*key)
+            changes = await self.push_reads.submit(key, frozenset())
         except asyncio.CancelledError:
             for target in push.targets:
                 target.push_failed()
@@ -159,3 +178,15 @@ class FeedReader:
         self.reads += 1
         rows = await self._pool.fetch(_READ, user, after, BATCH)
         return [(row["seq"], encode(change_frame(_change(row)))) for row in rows]
+
+    async def _read_pair(self, key: tuple[int, int]) -> list[EncodedChange]:
+        return await self._read(*key)
+
+    async def _read_many(self, keys: list[tuple[int, int]]) -> list[list[EncodedChange]]:
+        self.reads += 1
+        users, afters = zip(*keys, strict=True)
+        rows = await self._pool.fetch(_READ_MANY, users, afters, BATCH)
+        out: list[list[EncodedChange]] = [[] for _ in keys]
+        for row in rows:
+            out[row["n"] - 1].append((row["seq"], encode(change_frame(_change(row)))))
+        return out

@@ -20,7 +20,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, NamedTuple, TypeVar
 
 import asyncpg
 
@@ -28,6 +28,7 @@ from protocol.errors import ErrorCode, RequestError
 from protocol.frames import PartSpec, Put, Upload
 from server import keys
 from server.feed import record_change
+from server.groupcommit import GroupCommit
 from server.settings import Settings
 from server.stores import BlobNotFound, BlobStore
 
@@ -45,6 +46,10 @@ COPY_CONCURRENCY = 8
 #: Partition ids a server takes from the sequence at a time for puts.
 ID_BATCH = 64
 
+#: New-object puts per statement, at most, and statements running at once.
+PUT_BATCH = 64
+PUT_BATCHES = 2
+
 
 @dataclass(slots=True)
 class UploadRecord:
@@ -59,6 +64,24 @@ class UploadRecord:
     @property
     def have(self) -> list[int]:
         return sorted(self.received)
+
+
+class _NewPut(NamedTuple):
+    """A new object's put, in the order of ``_PUT_NEW``'s parameters."""
+
+    user: int
+    upload: str
+    size: int
+    name: bytes
+    mtime: bytes
+    key: bytes
+    salt: bytes
+    pid: int
+    device: str | None
+    store_key: str
+    sha256: bytes
+    part_salt: bytes
+    part_key: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +195,15 @@ class Uploads:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Partition ids taken from the sequence and not used yet (``put``).
         self._ids: collections.deque[int] = collections.deque()
+        #: New-object puts, committed several users' at a time.
+        self.puts: GroupCommit[_NewPut, tuple[int, int] | None] = GroupCommit(
+            self._put_batch,
+            self._put_one,
+            self._spawn,
+            split_on=asyncpg.PostgresError,
+            max_batch=PUT_BATCH,
+            concurrency=PUT_BATCHES,
+        )
 
     async def close(self, grace: float = 2.0) -> None:
         """Give background clean-ups a moment, then stop them (the janitor finishes)."""
@@ -392,30 +424,31 @@ class Uploads:
         pid = await self._partition_id()
         key = keys.partition_key(user, pid)
         await self.store.put_bytes(key, frame.data)
+        new = _NewPut(
+            user,
+            frame.upload,
+            frame.part.size,
+            frame.meta.name,
+            frame.meta.mtime,
+            frame.meta.key,
+            frame.meta.salt,
+            pid,
+            device,
+            key,
+            frame.part.sha256,
+            frame.part.salt,
+            frame.part.key,
+        )
         try:
-            row = await self.pool.fetchrow(
-                _PUT_NEW,
-                user,
-                frame.upload,
-                frame.part.size,
-                frame.meta.name,
-                frame.meta.mtime,
-                frame.meta.key,
-                frame.meta.salt,
-                pid,
-                device,
-                key,
-                frame.part.sha256,
-                frame.part.salt,
-                frame.part.key,
-                float(self.settings.upload_ttl),
-            )
+            # One user's puts go one at a time (one users row per batch), and an
+            # upload id appears once per batch (its row is inserted once).
+            row = await self.puts.submit(new, frozenset({user, frame.upload}))
         except asyncpg.UniqueViolationError:
             row = None  # a concurrent resend of this put took the id first
         # Any other failure may have committed all the same: the janitor removes
         # the partition if no row refers to it.
         if row is not None:
-            return CommitResult(row["id"], 1, row["change_seq"])
+            return CommitResult(row[0], 1, row[1])
         self._cleanup([key])
         prior = await self._prior_put(user, frame)
         if prior is not None:
@@ -427,6 +460,19 @@ class Uploads:
             rid=frame.rid,
             upload=frame.upload,
         )
+
+    async def _put_one(self, new: _NewPut) -> tuple[int, int] | None:
+        """One new-object put in its own statement: (object, seq), or None when the
+        id is taken or the quota is short."""
+        row = await self.pool.fetchrow(_PUT_NEW, *new, float(self.settings.upload_ttl))
+        return None if row is None else (row["id"], row["change_seq"])
+
+    async def _put_batch(self, batch: list[_NewPut]) -> list[tuple[int, int] | None]:
+        """Several users' new-object puts in one statement (``GroupCommit``)."""
+        columns = list(zip(*batch, strict=True))
+        rows = await self.pool.fetch(_PUT_BATCH, *columns, float(self.settings.upload_ttl))
+        done = {r["pid"]: (r["id"], r["change_seq"]) for r in rows}
+        return [done.get(new.pid) for new in batch]
 
     async def _put_revision(self, user: int, device: str | None, frame: Put) -> CommitResult:
         try:
@@ -883,6 +929,43 @@ done AS (
            now() + make_interval(secs => $14), obj.id, 1, seq.change_seq
     FROM obj, seq)
 SELECT obj.id, seq.change_seq FROM obj, seq"""
+
+#: ``_PUT_NEW`` for several users at once (one put per user and per upload id:
+#: each users row is updated once). Puts whose id is taken or whose quota is
+#: short are left out of the result; the caller then finds out which.
+_PUT_BATCH = f"""
+WITH i AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[],
+                         $6::bytea[], $7::bytea[], $8::bigint[], $9::text[], $10::text[],
+                         $11::bytea[], $12::bytea[], $13::bytea[])
+        AS i(user_id, upload, size, name, mtime, key, salt, pid, device, store_key,
+             sha256, part_salt, part_key)
+    WHERE NOT EXISTS (SELECT 1 FROM uploads WHERE id = i.upload)),
+seq AS (
+    UPDATE users u SET used = u.used + i.size, change_seq = u.change_seq + 1
+    FROM i WHERE u.id = i.user_id AND u.used + {_RESERVED} + i.size <= u.quota
+    RETURNING u.id, u.change_seq),
+ok AS (SELECT i.*, seq.change_seq FROM i JOIN seq ON seq.id = i.user_id),
+obj AS (
+    INSERT INTO objects (owner_id, kind, rev, size, enc_name, enc_mtime, enc_key, salt,
+                         head_partition, origin)
+    SELECT user_id, 'file', 1, size, name, mtime, key, salt, pid, device FROM ok
+    RETURNING id, head_partition),
+made AS (SELECT ok.*, obj.id AS object_id FROM ok JOIN obj ON obj.head_partition = ok.pid),
+part AS (
+    INSERT INTO partitions (id, object_id, rev, idx, store_key, size, sha256, salt, enc_key)
+    SELECT pid, object_id, 1, 0, store_key, size, sha256, part_salt, part_key FROM made),
+feed AS (
+    INSERT INTO access_list (user_id, object_id, role, status, seq)
+    SELECT user_id, object_id, 'owner', 'active', change_seq FROM made),
+done AS (
+    INSERT INTO uploads (id, user_id, device_id, kind, enc_name, enc_mtime, enc_key, salt,
+                         declared_parts, size, state, expires_at,
+                         result_object, result_rev, result_seq)
+    SELECT upload, user_id, device, 'file', '', '', '', '', 1, size, 'committed',
+           now() + make_interval(secs => $14), object_id, 1, change_seq
+    FROM made)
+SELECT pid, object_id AS id, change_seq FROM made"""
 
 #: A commit's first read, in one round trip: the upload, its parts (as arrays), the
 #: object's current rev, and (if still open) the ids its partitions will get.

@@ -9,6 +9,7 @@ import os
 import secrets
 import time
 
+import asyncpg
 import httpx
 import pytest
 
@@ -384,3 +385,146 @@ async def test_put_over_rest_is_the_same_put(server, alice, db):
         assert r.status_code == 401, r.text
     assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == 1
     await client.close()
+
+
+async def _pause_puts(server) -> None:
+    async def pause() -> None:
+        server.services.uploads.puts.concurrency = 0
+
+    await asyncio.to_thread(server.call, pause)
+
+
+async def _resume_puts_when(server, pending: int) -> None:
+    """Once ``pending`` puts wait, let them go: they form batches of many users."""
+
+    async def resume() -> bool:
+        group = server.services.uploads.puts
+        if group.pending < pending:
+            return False
+        group.concurrency = 2
+        return True
+
+    deadline = time.monotonic() + 20
+    while not await asyncio.to_thread(server.call, resume):
+        assert time.monotonic() < deadline, "the puts never arrived"
+        await asyncio.sleep(0.02)
+
+
+async def test_puts_of_many_users_share_a_statement_and_each_gets_its_own_answer(
+    make_server, store_kind, db
+):
+    """New-object puts that wait together commit in one statement (group commit),
+    yet each put is judged alone: over quota, a resend, another user's id."""
+    server = make_server(store_kind, default_quota=50_000)
+    clients, tokens = [], []
+    for i in range(7):
+        tokens.append(await register_login(server.http, unique(f"batch{i}")))
+        clients.append(await SyncClient.connect(server.ws, tokens[i]["access"], device="a"))
+    watcher = await SyncClient.connect(server.ws, tokens[4]["access"], device="b")
+    users = [c.welcome["user"] for c in clients]
+    earlier = await clients[0].put(clients[0].put_frame(os.urandom(700)))
+    assert earlier["t"] == "committed", earlier
+    resend = clients[0].put_frame(os.urandom(700))
+    first = await clients[0].put(resend)
+    before = server.services.uploads.puts.stats.batches
+
+    await _pause_puts(server)
+    sizes = [1000 + i for i in range(7)]
+    frames = [c.put_frame(os.urandom(n)) for c, n in zip(clients, sizes, strict=True)]
+    frames[0] = {**resend, "rid": clients[0].rid()}  # a resend of a committed put
+    frames[5] = clients[5].put_frame(os.urandom(60_000))  # over the quota
+    frames[6] = {**frames[6], "upload": resend["upload"]}  # another user's id
+    second = clients[1].put_frame(os.urandom(50))  # the same user twice: two batches
+    for client, frame in [*zip(clients, frames, strict=True), (clients[1], second)]:
+        await client.wait_credit(len(frame["data"]))
+        await client.send(frame)
+    # 8 puts; user 0's resend and user 6's reused id never reach a statement's insert.
+    await _resume_puts_when(server, 8)
+    replies = [
+        await c.wait_for(lambda f, r=f["rid"]: f.get("rid") == r)
+        for c, f in [*zip(clients, frames, strict=True), (clients[1], second)]
+    ]
+    assert replies[0]["t"] == "committed" and replies[0]["object"] == first["object"]
+    assert replies[0]["seq"] == first["seq"]
+    for i in (1, 2, 3, 4):
+        assert replies[i]["t"] == "committed" and replies[i]["seq"] == 1, replies[i]
+    assert replies[5]["t"] == "error" and replies[5]["code"] == "quota_exceeded", replies[5]
+    assert replies[6]["t"] == "error" and replies[6]["code"] == "conflict", replies[6]
+    assert replies[7]["t"] == "committed" and replies[7]["seq"] == 2, replies[7]
+    stats = server.services.uploads.puts.stats
+    # Users 0-5 in one statement; user 1's second put and user 6's (its id is user
+    # 0's) in the next.
+    assert stats.batches - before == 2
+    assert stats.largest >= 6
+
+    for i, user in enumerate(users):
+        objects = await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user)
+        used = await _count(db, "SELECT used FROM users WHERE id = $1", user)
+        seqs = [
+            r["seq"]
+            for r in await db.fetch(
+                "SELECT seq FROM access_list WHERE user_id = $1 ORDER BY seq", user
+            )
+        ]
+        expected = {0: (2, 1400), 1: (2, 1001 + 50), 5: (0, 0), 6: (0, 0)}.get(i, (1, sizes[i]))
+        assert (objects, used) == expected, (i, objects, used)
+        assert seqs == list(range(1, objects + 1)), (i, seqs)  # gap-free
+    change = await watcher.wait_for(lambda f: f["t"] == "change")
+    assert (change["object"], change["seq"]) == (replies[4]["object"], 1)
+    assert await watcher.download(change["parts"][0]["id"]) == frames[4]["data"]
+    await asyncio.sleep(0.3)  # refused puts' partitions are deleted in the background
+    for i in (5, 6):
+        assert await _stored_keys(server, f"partitions/{users[i]}/") == set()
+    for c in [*clients, watcher]:
+        await c.close()
+
+
+async def test_a_batch_refused_by_the_database_commits_its_puts_one_by_one(
+    make_server, db, database_url
+):
+    """Another transaction takes a batched put's id while the batch runs: the batch's
+    statement fails as a whole, then each put runs alone and gets its own answer."""
+    server = make_server()
+    clients = []
+    for i in range(3):
+        tokens = await register_login(server.http, unique(f"split{i}"))
+        clients.append(await SyncClient.connect(server.ws, tokens["access"]))
+    users = [c.welcome["user"] for c in clients]
+    frames = [c.put_frame(os.urandom(900 + i)) for i, c in enumerate(clients)]
+    taken = db.transaction()
+    await taken.start()
+    await db.execute(
+        "INSERT INTO uploads (id, user_id, kind, enc_name, enc_mtime, enc_key, salt, "
+        "declared_parts, size, expires_at) "
+        "VALUES ($1, $2, 'file', '', '', '', '', 1, 1, now() + interval '1 hour')",
+        frames[0]["upload"],
+        users[0],
+    )
+    await _pause_puts(server)
+    for client, frame in zip(clients, frames, strict=True):
+        await client.wait_credit(len(frame["data"]))
+        await client.send(frame)
+    await _resume_puts_when(server, 3)
+    probe = await asyncpg.connect(database_url)
+    deadline = time.monotonic() + 20
+    while not await probe.fetchval(  # the batch waits on the uncommitted id
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query LIKE '%unnest%'"
+    ):
+        assert time.monotonic() < deadline, "the batch never waited on the id"
+        await asyncio.sleep(0.02)
+    await probe.close()
+    await taken.commit()
+    replies = [
+        await c.wait_for(lambda f, r=f["rid"]: f.get("rid") == r)
+        for c, f in zip(clients, frames, strict=True)
+    ]
+    assert replies[0]["t"] == "error" and replies[0]["code"] == "conflict", replies[0]
+    assert [r["t"] for r in replies[1:]] == ["committed", "committed"], replies
+    assert server.services.uploads.puts.stats.split == 1
+    for user, expected in zip(users, (0, 1, 1), strict=True):
+        assert (
+            await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == expected
+        )
+    for c in clients:
+        await c.close()

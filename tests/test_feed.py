@@ -8,8 +8,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.support.client import SyncClient
+from tests.conftest import unique
+from tests.support.client import SyncClient, register_login
 
 
 async def next_change(client: SyncClient, timeout: float = 10) -> dict:
@@ -103,6 +105,47 @@ async def test_one_read_serves_every_caught_up_session_of_the_user(server, alice
     assert reads <= 2, f"{reads} feed reads for one commit to 12 sessions"
     for c in clients:
         await c.close()
+
+
+async def test_pushes_to_many_users_share_a_read_and_each_gets_only_its_own(server):
+    """Commits by several users at once: the pushes for all of them are one read of
+    the feed (one statement for many (user, cursor) pairs), and no session gets a
+    row of another user."""
+    writers, readers = [], []
+    for i in range(6):
+        tokens = await register_login(server.http, unique(f"fanin{i}"))
+        writers.append(await SyncClient.connect(server.ws, tokens["access"], device="w"))
+        readers.append(await SyncClient.connect(server.ws, tokens["access"], device="r"))
+    feed = server.services.feed
+    before = 0
+
+    def hold(n: int) -> Callable[[], Awaitable[bool]]:
+        async def set_concurrency() -> bool:
+            if n and feed.push_reads.pending < len(writers):
+                return False
+            nonlocal before
+            before = feed.reads
+            feed.push_reads.concurrency = n
+            return True
+
+        return set_concurrency
+
+    await asyncio.to_thread(server.call, hold(0))
+    done = [await w.push([os.urandom(100 + i)]) for i, w in enumerate(writers)]
+    # Each user's two idle sessions share one push; all six wait for a read.
+    deadline = asyncio.get_running_loop().time() + 20
+    while not await asyncio.to_thread(server.call, hold(2)):
+        assert asyncio.get_running_loop().time() < deadline, "the pushes never waited"
+        await asyncio.sleep(0.02)
+    for writer, reader, mine in zip(writers, readers, done, strict=True):
+        for client in (writer, reader):
+            change = await next_change(client)
+            assert (change["object"], change["seq"]) == (mine["object"], mine["seq"])
+    assert feed.reads - before == 1, "one read for the six users' pushes"
+    for client in writers + readers:  # nothing else arrives: no other user's rows
+        with pytest.raises(TimeoutError):
+            await client.wait_for(lambda f: f["t"] == "change", timeout=0.2)
+        await client.close()
 
 
 def _slow_once(read: Callable[[int, int], Awaitable[Any]], seconds: float):

@@ -551,8 +551,9 @@ async def test_local_put_meets_a_prune_of_its_directory(
     ``os.mkdir`` and then checks ``is_dir()``; a prune in between makes it raise
     FileExistsError. The store must make the directory again, for every way in
     (a spool file moved in, a file copied, a partition linked at commit, bytes).
-    The deletion is put exactly in that window."""
-    store = LocalStore(tmp_path / "blobs")
+    The deletion is put exactly in that window. (Small bytes under group sync make
+    no directory while it exists: ``test_local_small_put_into_a_pruned_directory``.)"""
+    store = LocalStore(tmp_path / "blobs", group_sync=False)
     await store.start()
     area = "partitions" if how == "link" else "staging"
     directory = store.root / area / "1" / "u"
@@ -662,6 +663,54 @@ async def test_a_cancelled_small_put_leaves_the_others_alone(tmp_path: Path, mon
     assert results[1:] == [None] * 4
     await store.put_bytes("staging/2/after/0", b"z")
     assert await store.stat("staging/2/after/0") is not None
+
+
+@pytest.mark.parametrize("group_sync", [True, False])
+async def test_local_put_whose_new_parent_is_pruned_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group_sync: bool
+) -> None:
+    """Regression (``test_writers_race_devices_flap_everyone_converges``): ``mkdir -p``
+    made ``staging/<user>``, another upload's clean-up pruned it (empty) before the
+    leaf was made, and the leaf's ``mkdir`` raised ENOENT: the part was answered
+    ``unavailable``. The store makes the directories again."""
+    store = LocalStore(tmp_path / "blobs", group_sync=group_sync)
+    await store.start()
+    mkdir = Path.mkdir
+    pruned: list[Path] = []
+
+    def mkdir_then_pruned(path: Path, *args: object, **kw: object) -> None:
+        mkdir(path, *args, **kw)  # type: ignore[arg-type]
+        if path.name == "5" and not pruned:  # staging/5 made, then pruned at once
+            path.rmdir()
+            pruned.append(path)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_pruned)
+    await store.put_bytes("staging/5/up/0", b"part 0")
+    monkeypatch.undo()
+    assert pruned, "the interleaving did not happen"
+    assert b"".join([c async for c in store.read("staging/5/up/0")]) == b"part 0"
+
+
+@pytest.mark.skipif(local_module._syncfs is None, reason="syncfs(2) is Linux-only")
+async def test_local_small_put_into_a_pruned_directory(tmp_path: Path, monkeypatch) -> None:
+    """A small put opens its temp file without making the directory first; when a
+    prune removed the directory, it takes the general path, which makes it."""
+    store = LocalStore(tmp_path / "blobs")
+    await store.start()
+    await store.put_bytes("partitions/4/a", b"first")
+    (store.root / "partitions/4/a").unlink()
+    (store.root / "partitions/4").rmdir()  # the janitor pruned it
+    await store.put_bytes("partitions/4/b", b"second")
+    assert b"".join([c async for c in store.read("partitions/4/b")]) == b"second"
+
+    def failing_replace(src: object, dst: object) -> None:
+        raise OSError(errno.EIO, "rename failed")
+
+    monkeypatch.setattr(local_module.os, "replace", failing_replace)
+    with pytest.raises(StoreError):
+        await store.put_bytes("partitions/4/c", b"third")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (store.root / "partitions/4").iterdir()) == ["b"]
 
 
 async def test_without_group_sync_small_puts_fsync_alone(tmp_path: Path, monkeypatch) -> None:

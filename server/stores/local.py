@@ -8,9 +8,11 @@ I/O runs in worker threads: a slow disk must not stall the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import io
+import itertools
 import os
 import secrets
 import stat as stat_mode
@@ -26,6 +28,11 @@ _COPY_BUFFER = 1 << 20
 READ_AHEAD = 2 << 20
 T = TypeVar("T", bytes, bytearray)
 _MKDIR_ATTEMPTS = 8  # a concurrent delete may prune the directory we just made
+
+#: Temp names of ``_write_small``: unique per process by the counter, across
+#: processes by the pid and a random tag (a pid can be reused after a crash).
+_TEMP_TAG = f"{os.getpid()}-{secrets.token_hex(4)}-"
+_temp_names = itertools.count()
 
 
 def check_key(key: str) -> str:
@@ -100,11 +107,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _make_dir(path: Path) -> bool:
-    """``mkdir -p``; False when a concurrent prune removed the directory mid-way
-    (``mkdir`` then sees EEXIST for a path that is no longer a directory)."""
+    """``mkdir -p``; False when a concurrent prune removed a directory mid-way:
+    ``mkdir`` then sees EEXIST for a path that is no longer a directory, or
+    ENOENT when the parent it just made was pruned again before the leaf."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, FileNotFoundError):
         return False
     return True
 
@@ -139,6 +147,31 @@ def _write_atomic(dest: Path, fill: Callable[[BinaryIO], object], *, sync: bool 
         raise
     if sync:
         _fsync_dir(dest.parent)
+
+
+def _write_small(dest: Path, data: bytes) -> None:
+    """``_write_atomic`` without a sync, in as few calls as can be: the group-sync
+    thread runs one per small put, each call waits for the GIL held by the event
+    loop, and with the directory made and a counter for the temp name (no mkdir,
+    no stat, no getrandom, no buffered file object) it spends less time waiting."""
+    tmp = f"{dest.parent}/.{dest.name}.{_TEMP_TAG}{next(_temp_names)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:  # no directory yet (or pruned): the general path makes it
+        _write_atomic(dest, lambda out: out.write(data), sync=False)
+        return
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _link_atomic(src: Path, dest: Path) -> None:
@@ -271,7 +304,7 @@ class _GroupSync:
             outcomes: list[tuple[asyncio.Future[None], BaseException | None]] = []
             for dest, data, done in batch:
                 try:
-                    _write_atomic(dest, lambda out, d=data: out.write(d), sync=False)
+                    _write_small(dest, data)
                 except BaseException as exc:
                     outcomes.append((done, exc))
                 else:

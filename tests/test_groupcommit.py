@@ -1,0 +1,240 @@
+"""``GroupCommit``: batching, key exclusion and failure splitting, without a database
+(the database side is in ``test_e2e_put.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+from server.groupcommit import GroupCommit
+
+
+class Rejected(Exception):
+    """Stands for an error the database answered with (nothing committed)."""
+
+
+class Recorder:
+    """A fake statement runner: records each batch, waits on a gate, answers x * 10."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.ones: list[int] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        #: Batches (not writes alone) also wait for this one.
+        self.batch_gate = asyncio.Event()
+        self.batch_gate.set()
+        self.running = 0
+        self.most_running = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        #: Batches containing this value fail with ``batch_error``.
+        self.poison: int | None = None
+        self.batch_error: BaseException = Rejected()
+        #: run_one fails for this value.
+        self.bad_one: int | None = None
+
+    async def batch(self, args: list[int]) -> list[int]:
+        self.batches.append(list(args))
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await self.gate.wait()
+            await self.batch_gate.wait()
+        finally:
+            self.running -= 1
+        if self.poison in args:
+            raise self.batch_error
+        return [a * 10 for a in args]
+
+    async def one(self, arg: int) -> int:
+        self.ones.append(arg)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await self.gate.wait()
+        finally:
+            self.running -= 1
+        if arg == self.bad_one:
+            raise Rejected(f"one {arg}")
+        return arg * 10
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def group(self, concurrency: int = 1, max_batch: int = 64) -> GroupCommit[int, int]:
+        return GroupCommit(
+            self.batch,
+            self.one,
+            self.spawn,
+            split_on=Rejected,
+            max_batch=max_batch,
+            concurrency=concurrency,
+        )
+
+
+async def test_writes_arriving_during_a_batch_form_the_next_one() -> None:
+    rec = Recorder()
+    group = rec.group()
+    rec.gate.clear()
+    first = asyncio.create_task(group.submit(1, frozenset({"a"})))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(group.submit(i, frozenset({i}))) for i in range(2, 7)]
+    await asyncio.sleep(0)
+    assert rec.ones == [1] and rec.batches == []  # alone, at once: no waiting to fill
+    rec.gate.set()
+    assert await first == 10
+    assert await asyncio.gather(*rest) == [20, 30, 40, 50, 60]
+    assert rec.batches == [[2, 3, 4, 5, 6]]
+    assert (group.stats.writes, group.stats.batches, group.stats.largest) == (6, 2, 5)
+
+
+async def test_writes_sharing_a_key_never_run_together() -> None:
+    rec = Recorder()
+    group = rec.group(concurrency=2, max_batch=3)
+    rec.gate.clear()
+    keys = [frozenset({"u1"}), frozenset({"u1"}), frozenset({"u2"}), frozenset({"u3", "id"})]
+    keys += [frozenset({"u4", "id"}), frozenset({"u5"}), frozenset({"u6"})]
+    tasks = [asyncio.create_task(group.submit(i, k)) for i, k in enumerate(keys)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+        rec.gate.set()
+        await asyncio.sleep(0)
+        rec.gate.clear()
+    rec.gate.set()
+    assert await asyncio.gather(*tasks) == [i * 10 for i in range(len(keys))]
+    assert rec.most_running <= 2
+    run = [[a] for a in rec.ones] + rec.batches
+    assert sorted(a for b in run for a in b) == list(range(len(keys)))
+    for b in run:
+        assert len(b) <= 3
+        taken = [k for a in b for k in keys[a]]
+        assert len(taken) == len(set(taken)), f"a key twice in one batch: {b}"
+    # 0 and 1 share u1, 3 and 4 share "id": in different batches.
+    assert not any({0, 1} <= set(b) or {3, 4} <= set(b) for b in run)
+
+
+async def test_a_key_in_a_running_batch_waits_for_it() -> None:
+    rec = Recorder()
+    group = rec.group(concurrency=2)
+    rec.gate.clear()
+    first = asyncio.create_task(group.submit(1, frozenset({"u"})))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(group.submit(2, frozenset({"u"})))
+    await asyncio.sleep(0.01)
+    assert rec.ones == [1], "a free slot, but the key is busy"
+    rec.gate.set()
+    assert (await first, await second) == (10, 20)
+    assert rec.ones == [1, 2]
+
+
+async def test_a_rejected_batch_runs_each_write_alone() -> None:
+    rec = Recorder()
+    group = rec.group()
+    rec.gate.clear()
+    blocker = asyncio.create_task(group.submit(0, frozenset({0})))
+    await asyncio.sleep(0)
+    rec.poison, rec.bad_one = 3, 3
+    tasks = [asyncio.create_task(group.submit(i, frozenset({i}))) for i in (1, 2, 3, 4)]
+    await asyncio.sleep(0)
+    rec.gate.set()
+    await blocker
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results[:2] == [10, 20] and results[3] == 40
+    assert isinstance(results[2], Rejected) and str(results[2]) == "one 3"
+    assert rec.batches == [[1, 2, 3, 4]]
+    assert rec.ones == [0, 1, 2, 3, 4]
+    assert group.stats.split == 1
+
+
+async def test_an_unknown_outcome_goes_to_every_write_of_the_batch() -> None:
+    """A lost connection may have committed: running the writes again could do them
+    twice, so each gets the error, as a write alone would."""
+    rec = Recorder()
+    group = rec.group()
+    rec.gate.clear()
+    blocker = asyncio.create_task(group.submit(0, frozenset({0})))
+    await asyncio.sleep(0)
+    rec.poison, rec.batch_error = 1, ConnectionResetError("lost")
+    tasks = [asyncio.create_task(group.submit(i, frozenset({i}))) for i in (1, 2)]
+    await asyncio.sleep(0)
+    rec.gate.set()
+    await blocker
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, ConnectionResetError) for r in results), results
+    assert rec.ones == [0]  # nothing ran a second time
+    assert await group.submit(5, frozenset({5})) == 50  # and the group carries on
+
+
+async def test_a_write_cancelled_before_its_batch_is_dropped() -> None:
+    rec = Recorder()
+    group = rec.group()
+    rec.gate.clear()
+    blocker = asyncio.create_task(group.submit(0, frozenset({0})))
+    await asyncio.sleep(0)
+    gone = asyncio.create_task(group.submit(1, frozenset({1})))
+    kept = asyncio.create_task(group.submit(2, frozenset({2})))
+    await asyncio.sleep(0)
+    gone.cancel()
+    rec.gate.set()
+    assert await blocker == 0 and await kept == 20
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert rec.ones == [0, 2] and rec.batches == []
+
+
+async def test_a_caller_cancelled_during_its_batch_does_not_stop_the_others() -> None:
+    rec = Recorder()
+    group = rec.group()
+    rec.gate.clear()
+    rec.batch_gate.clear()
+    blocker = asyncio.create_task(group.submit(0, frozenset({0})))
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(group.submit(i, frozenset({i}))) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    rec.gate.set()
+    await blocker
+    await asyncio.sleep(0)  # the batch of 1, 2, 3 is running now
+    assert rec.batches == [[1, 2, 3]]
+    tasks[0].cancel()
+    rec.batch_gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError) and results[1:] == [20, 30]
+
+
+@pytest.mark.parametrize("started", [False, True])
+async def test_a_cancelled_batch_cancels_its_waiters_and_frees_its_keys(started: bool) -> None:
+    """The server shutting down cancels the batch's task: before it ran a line (its
+    coroutine then never runs) or while its statement runs."""
+    rec = Recorder()
+    group = rec.group()
+    rec.gate.clear()
+    waiter = asyncio.create_task(group.submit(1, frozenset({"k"})))
+    await asyncio.sleep(0)
+    if started:
+        await asyncio.sleep(0)
+        assert rec.ones == [1]
+    else:
+        assert rec.ones == []
+    for task in list(rec.tasks):
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    rec.gate.set()
+    assert await group.submit(2, frozenset({"k"})) == 20
+
+
+async def test_concurrency_zero_holds_writes_until_raised() -> None:
+    rec = Recorder()
+    group = rec.group(concurrency=0)
+    tasks = [asyncio.create_task(group.submit(i, frozenset({i}))) for i in range(4)]
+    await asyncio.sleep(0.01)
+    assert group.pending == 4 and rec.ones == [] and rec.batches == []
+    group.concurrency = 1
+    assert await asyncio.gather(*tasks) == [0, 10, 20, 30]
+    assert rec.batches == [[0, 1, 2, 3]] and group.pending == 0
