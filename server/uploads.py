@@ -932,7 +932,10 @@ SELECT obj.id, seq.change_seq FROM obj, seq"""
 
 #: ``_PUT_NEW`` for several users at once (one put per user and per upload id:
 #: each users row is updated once). Puts whose id is taken or whose quota is
-#: short are left out of the result; the caller then finds out which.
+#: short are left out of the result; the caller then finds out which. The users
+#: rows are locked in id order first: an UPDATE ... FROM locks them in whatever
+#: order its plan reads them, and a commit to an object shared by two of these
+#: users (``record_change``, id order) could then deadlock with it.
 _PUT_BATCH = f"""
 WITH i AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[],
@@ -941,9 +944,12 @@ WITH i AS (
         AS i(user_id, upload, size, name, mtime, key, salt, pid, device, store_key,
              sha256, part_salt, part_key)
     WHERE NOT EXISTS (SELECT 1 FROM uploads WHERE id = i.upload)),
+locked AS (  -- in id order, as record_change locks them: no deadlock with a commit
+    SELECT u.id FROM users u WHERE u.id = ANY($1::bigint[]) ORDER BY u.id FOR UPDATE),
 seq AS (
     UPDATE users u SET used = u.used + i.size, change_seq = u.change_seq + 1
-    FROM i WHERE u.id = i.user_id AND u.used + {_RESERVED} + i.size <= u.quota
+    FROM i JOIN locked ON locked.id = i.user_id
+    WHERE u.id = i.user_id AND u.used + {_RESERVED} + i.size <= u.quota
     RETURNING u.id, u.change_seq),
 ok AS (SELECT i.*, seq.change_seq FROM i JOIN seq ON seq.id = i.user_id),
 obj AS (

@@ -394,6 +394,16 @@ async def _pause_puts(server) -> None:
     await asyncio.to_thread(server.call, pause)
 
 
+async def _wait_pending(server, pending: int) -> None:
+    async def count() -> int:
+        return server.services.uploads.puts.pending
+
+    deadline = time.monotonic() + 20
+    while await asyncio.to_thread(server.call, count) < pending:
+        assert time.monotonic() < deadline, "the puts never arrived"
+        await asyncio.sleep(0.02)
+
+
 async def _resume_puts_when(server, pending: int) -> None:
     """Once ``pending`` puts wait, let them go: they form batches of many users."""
 
@@ -526,5 +536,54 @@ async def test_a_batch_refused_by_the_database_commits_its_puts_one_by_one(
         assert (
             await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == expected
         )
+    for c in clients:
+        await c.close()
+
+
+async def test_a_batch_locks_its_users_in_id_order(make_server, db, database_url):
+    """As ``record_change`` does: a transaction holding the lower user's row and
+    then taking the higher one's must not deadlock with a batch of both users'
+    puts (which, unordered, could hold the higher one and wait for the lower)."""
+    server = make_server()
+    clients = []
+    for i in range(2):
+        tokens = await register_login(server.http, unique(f"order{i}"))
+        clients.append(await SyncClient.connect(server.ws, tokens["access"]))
+    clients.sort(key=lambda c: c.welcome["user"], reverse=True)  # higher user first
+    high, low = (c.welcome["user"] for c in clients)
+    # The lower user's row now lies after the higher one's in the table, and comes
+    # second in the batch: however the plan reads users, unordered locks come high
+    # first.
+    await db.execute("UPDATE users SET used = used WHERE id = $1", low)
+    other = await asyncpg.connect(database_url)
+    commit = other.transaction()
+    await commit.start()
+    # Shorter than deadlock_timeout (1 s): a deadlock fails here, not in the batch.
+    await other.execute("SET LOCAL lock_timeout = '500ms'")
+    await other.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", low)
+    await _pause_puts(server)
+    frames = [c.put_frame(os.urandom(300)) for c in clients]
+    for n, (client, frame) in enumerate(zip(clients, frames, strict=True), 1):
+        await client.send(frame)  # one at a time: the batch is [high, low]
+        await _wait_pending(server, n)
+    await _resume_puts_when(server, 2)
+    deadline = time.monotonic() + 20
+    while not await db.fetchval(  # the batch waits for the lower user's row
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query LIKE '%unnest%'"
+    ):
+        assert time.monotonic() < deadline, "the batch never waited"
+        await asyncio.sleep(0.02)
+    # The higher user's row is free: the batch took nothing out of order.
+    await other.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", high)
+    await commit.commit()
+    await other.close()
+    replies = [
+        await c.wait_for(lambda f, r=f["rid"]: f.get("rid") == r)
+        for c, f in zip(clients, frames, strict=True)
+    ]
+    assert [r["t"] for r in replies] == ["committed", "committed"], replies
+    stats = server.services.uploads.puts.stats
+    assert (stats.largest, stats.split) == (2, 0)
     for c in clients:
         await c.close()
