@@ -164,6 +164,7 @@ class FeedReader:
             target.pushed(key[1], changes)
 
     async def close(self) -> None:
+        self.push_reads.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -74,7 +74,15 @@ class GroupCommit(Generic[A, R]):
         self._pending: deque[_Item[A, R]] = deque()
         self._busy: set[Hashable] = set()
         self._running = 0
+        self._closed = False
         self.stats = Stats()
+
+    def close(self) -> None:
+        """Start nothing more; writes still waiting are cancelled (shutdown)."""
+        self._closed = True
+        for item in self._pending:
+            item.future.cancel()
+        self._pending.clear()
 
     @property
     def concurrency(self) -> int:
@@ -95,13 +103,15 @@ class GroupCommit(Generic[A, R]):
     async def submit(self, args: A, keys: frozenset[Hashable]) -> R:
         """The write's result, once its batch committed. If the caller is cancelled
         before its batch starts, the write is dropped; once started, it runs on."""
+        if self._closed:
+            raise RuntimeError("closed")
         item = _Item(args, keys, asyncio.get_running_loop().create_future())
         self._pending.append(item)
         self._kick()
         return await item.future
 
     def _kick(self) -> None:
-        while self._running < self._concurrency and self._pending:
+        while self._running < self._concurrency and self._pending and not self._closed:
             batch: list[_Item[A, R]] = []
             taken: set[Hashable] = set()
             rest: deque[_Item[A, R]] = deque()
@@ -151,7 +161,7 @@ class GroupCommit(Generic[A, R]):
             for item in batch:
                 item.future.cancel()
             raise
-        except BaseException as exc:  # handed to every waiter
+        except Exception as exc:  # handed to every waiter
             results = [exc] * len(batch)
         for item, result in zip(batch, results, strict=True):
             _answer(item.future, result)

@@ -50,6 +50,17 @@ ID_BATCH = 64
 PUT_BATCH = 64
 PUT_BATCHES = 2
 
+#: Errors PostgreSQL refuses a statement with, after which nothing of its
+#: transaction committed, so a batch refused so may run again put by put. Not
+#: every asyncpg.PostgresError: a connection error (class 08, 57P01) may come
+#: after the COMMIT took effect, and running the puts again would find their
+#: own ids taken.
+REFUSED: tuple[type[BaseException], ...] = (
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.TransactionRollbackError,
+    asyncpg.LockNotAvailableError,
+)
+
 
 @dataclass(slots=True)
 class UploadRecord:
@@ -67,7 +78,7 @@ class UploadRecord:
 
 
 class _NewPut(NamedTuple):
-    """A new object's put, in the order of ``_PUT_NEW``'s parameters."""
+    """A new object's put, in the order of ``_PUT_BATCH``'s arrays."""
 
     user: int
     upload: str
@@ -200,7 +211,7 @@ class Uploads:
             self._put_batch,
             self._put_one,
             self._spawn,
-            split_on=asyncpg.PostgresError,
+            split_on=REFUSED,
             max_batch=PUT_BATCH,
             concurrency=PUT_BATCHES,
         )
@@ -209,6 +220,7 @@ class Uploads:
         """Give background clean-ups a moment, then stop them (the janitor finishes)."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
+        self.puts.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -449,8 +461,15 @@ class Uploads:
         # the partition if no row refers to it.
         if row is not None:
             return CommitResult(row[0], 1, row[1])
-        self._cleanup([key])
-        prior = await self._prior_put(user, frame)
+        try:
+            prior = await self._prior_put(user, frame)
+        except RequestError:  # the id is another upload's: nothing refers to this key
+            self._cleanup([key])
+            raise
+        # Never delete a partition a row refers to: only a statement whose outcome
+        # was unknown could have committed this one, but that is not worth a bet.
+        if not await self.pool.fetchval("SELECT 1 FROM partitions WHERE id = $1", pid):
+            self._cleanup([key])
         if prior is not None:
             return prior
         raise RequestError(
@@ -462,15 +481,22 @@ class Uploads:
         )
 
     async def _put_one(self, new: _NewPut) -> tuple[int, int] | None:
-        """One new-object put in its own statement: (object, seq), or None when the
-        id is taken or the quota is short."""
-        row = await self.pool.fetchrow(_PUT_NEW, *new, float(self.settings.upload_ttl))
-        return None if row is None else (row["id"], row["change_seq"])
+        return (await self._put_batch([new]))[0]
 
     async def _put_batch(self, batch: list[_NewPut]) -> list[tuple[int, int] | None]:
-        """Several users' new-object puts in one statement (``GroupCommit``)."""
+        """New-object puts of several users in one transaction (``GroupCommit``):
+        (object, seq) for each, or None when its id is taken or its quota short.
+
+        The users rows are locked first, in id order (as ``record_change`` locks
+        them, so no deadlock with a commit to a shared object), by a statement of
+        their own: the put statement then takes its snapshot after every
+        reservation that held one of those locks committed, and the quota sees it.
+        (Within one statement, a row lock waited for re-checks the row, but not
+        the reservations the quota subquery reads.)"""
         columns = list(zip(*batch, strict=True))
-        rows = await self.pool.fetch(_PUT_BATCH, *columns, float(self.settings.upload_ttl))
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_USERS, columns[0])
+            rows = await conn.fetch(_PUT_BATCH, *columns, float(self.settings.upload_ttl))
         done = {r["pid"]: (r["id"], r["change_seq"]) for r in rows}
         return [done.get(new.pid) for new in batch]
 
@@ -905,37 +931,18 @@ _RESERVED = """(
 #: object, its partition, the owner's feed row, and a committed upload row under
 #: the client's id, so that a resent put finds its result. No row comes back when
 #: the quota does not fit or the id is already taken.
-_PUT_NEW = f"""
-WITH seq AS (
-    UPDATE users u SET used = u.used + $3, change_seq = u.change_seq + 1
-    WHERE u.id = $1 AND u.used + {_RESERVED} + $3 <= u.quota
-      AND NOT EXISTS (SELECT 1 FROM uploads WHERE id = $2)
-    RETURNING u.change_seq),
-obj AS (
-    INSERT INTO objects (owner_id, kind, rev, size, enc_name, enc_mtime, enc_key, salt,
-                         head_partition, origin)
-    SELECT $1, 'file', 1, $3, $4, $5, $6, $7, $8, $9 FROM seq RETURNING id),
-part AS (
-    INSERT INTO partitions (id, object_id, rev, idx, store_key, size, sha256, salt, enc_key)
-    SELECT $8, obj.id, 1, 0, $10, $3, $11, $12, $13 FROM obj),
-feed AS (
-    INSERT INTO access_list (user_id, object_id, role, status, seq)
-    SELECT $1, obj.id, 'owner', 'active', seq.change_seq FROM obj, seq),
-done AS (
-    INSERT INTO uploads (id, user_id, device_id, kind, enc_name, enc_mtime, enc_key, salt,
-                         declared_parts, size, state, expires_at,
-                         result_object, result_rev, result_seq)
-    SELECT $2, $1, $9, 'file', '', '', '', '', 1, $3, 'committed',
-           now() + make_interval(secs => $14), obj.id, 1, seq.change_seq
-    FROM obj, seq)
-SELECT obj.id, seq.change_seq FROM obj, seq"""
 
-#: ``_PUT_NEW`` for several users at once (one put per user and per upload id:
-#: each users row is updated once). Puts whose id is taken or whose quota is
-#: short are left out of the result; the caller then finds out which. The users
-#: rows are locked in id order first: an UPDATE ... FROM locks them in whatever
-#: order its plan reads them, and a commit to an object shared by two of these
-#: users (``record_change``, id order) could then deadlock with it.
+#: The users rows of a batch of puts, locked in id order (``_put_batch``).
+_LOCK_USERS = """
+SELECT 1 FROM users WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE"""
+
+#: New objects of one-part puts, one per user and per upload id (each users row
+#: is updated once), in one statement: it charges the quota and takes the
+#: owner's change seq on the users row (locked by ``_LOCK_USERS``, so the feed
+#: stays gap-free), inserts the object, its partition and the feed row, and
+#: records a committed upload row under the client's id. Puts whose id is taken
+#: or whose quota is short are left out of the result; the caller then finds
+#: out which.
 _PUT_BATCH = f"""
 WITH i AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[],
@@ -944,11 +951,9 @@ WITH i AS (
         AS i(user_id, upload, size, name, mtime, key, salt, pid, device, store_key,
              sha256, part_salt, part_key)
     WHERE NOT EXISTS (SELECT 1 FROM uploads WHERE id = i.upload)),
-locked AS (  -- in id order, as record_change locks them: no deadlock with a commit
-    SELECT u.id FROM users u WHERE u.id = ANY($1::bigint[]) ORDER BY u.id FOR UPDATE),
 seq AS (
     UPDATE users u SET used = u.used + i.size, change_seq = u.change_seq + 1
-    FROM i JOIN locked ON locked.id = i.user_id
+    FROM i
     WHERE u.id = i.user_id AND u.used + {_RESERVED} + i.size <= u.quota
     RETURNING u.id, u.change_seq),
 ok AS (SELECT i.*, seq.change_seq FROM i JOIN seq ON seq.id = i.user_id),

@@ -124,7 +124,7 @@ async def test_pushes_to_many_users_share_a_read_and_each_gets_only_its_own(serv
             if n and feed.push_reads.pending < len(writers):
                 return False
             nonlocal before
-            before = feed.reads
+            before = feed.push_reads.stats.batches
             feed.push_reads.concurrency = n
             return True
 
@@ -141,11 +141,47 @@ async def test_pushes_to_many_users_share_a_read_and_each_gets_only_its_own(serv
         for client in (writer, reader):
             change = await next_change(client)
             assert (change["object"], change["seq"]) == (mine["object"], mine["seq"])
-    assert feed.reads - before == 1, "one read for the six users' pushes"
+    stats = feed.push_reads.stats
+    assert (stats.batches - before, stats.largest) == (1, 6), "one read for six users"
     for client in writers + readers:  # nothing else arrives: no other user's rows
         with pytest.raises(TimeoutError):
             await client.wait_for(lambda f: f["t"] == "change", timeout=0.2)
         await client.close()
+
+
+async def test_one_read_of_many_pairs_is_each_pair_read_alone(server):
+    """``_READ_MANY`` (push reads grouped) returns for each (user, cursor) pair the
+    rows ``_READ`` returns for it: same order, same per-pair limit, none for a
+    user without changes, and never another user's row."""
+    from server.changes import _READ, _READ_MANY
+
+    busy = await SyncClient.connect(
+        server.ws, (await register_login(server.http, unique("many")))["access"]
+    )
+    quiet = await SyncClient.connect(
+        server.ws, (await register_login(server.http, unique("quiet")))["access"]
+    )
+    for i in range(4):
+        await busy.push([os.urandom(50 + i)])
+    a, b = busy.welcome["user"], quiet.welcome["user"]
+    pairs = [(a, 0), (b, 0), (a, 1), (a, 4)]
+
+    async def read_both() -> tuple[list[Any], list[list[Any]]]:
+        pool = server.services.pool
+        users, cursors = zip(*pairs, strict=True)
+        many = await pool.fetch(_READ_MANY, users, cursors, 2)  # at most 2 per pair
+        alone = [await pool.fetch(_READ, u, c, 2) for u, c in pairs]
+        return many, alone
+
+    many, alone = await asyncio.to_thread(server.call, read_both)
+    grouped: list[list[dict[str, Any]]] = [[] for _ in pairs]
+    for row in many:
+        grouped[row["n"] - 1].append({k: v for k, v in row.items() if k != "n"})
+    assert grouped == [[dict(r) for r in rows] for rows in alone]
+    assert [len(g) for g in grouped] == [2, 0, 2, 0]
+    assert [r["seq"] for r in grouped[2]] == [2, 3]
+    await busy.close()
+    await quiet.close()
 
 
 def _slow_once(read: Callable[[int, int], Awaitable[Any]], seconds: float):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Coroutine
 from typing import Any
 
@@ -95,28 +96,46 @@ async def test_writes_arriving_during_a_batch_form_the_next_one() -> None:
 
 
 async def test_writes_sharing_a_key_never_run_together() -> None:
+    """Many writes over few keys, at random moments: no batch holds a key twice,
+    and no two batches running at once share one."""
+    rng = random.Random(7)
+    keys = {i: frozenset({f"u{rng.randrange(6)}", f"id{rng.randrange(20)}"}) for i in range(120)}
     rec = Recorder()
-    group = rec.group(concurrency=2, max_batch=3)
-    rec.gate.clear()
-    keys = [frozenset({"u1"}), frozenset({"u1"}), frozenset({"u2"}), frozenset({"u3", "id"})]
-    keys += [frozenset({"u4", "id"}), frozenset({"u5"}), frozenset({"u6"})]
-    tasks = [asyncio.create_task(group.submit(i, k)) for i, k in enumerate(keys)]
-    for _ in range(5):
-        await asyncio.sleep(0)
-        rec.gate.set()
-        await asyncio.sleep(0)
-        rec.gate.clear()
-    rec.gate.set()
-    assert await asyncio.gather(*tasks) == [i * 10 for i in range(len(keys))]
-    assert rec.most_running <= 2
-    run = [[a] for a in rec.ones] + rec.batches
-    assert sorted(a for b in run for a in b) == list(range(len(keys)))
-    for b in run:
-        assert len(b) <= 3
-        taken = [k for a in b for k in keys[a]]
-        assert len(taken) == len(set(taken)), f"a key twice in one batch: {b}"
-    # 0 and 1 share u1, 3 and 4 share "id": in different batches.
-    assert not any({0, 1} <= set(b) or {3, 4} <= set(b) for b in run)
+    live: list[int] = []  # the writes of the batches running now
+    clashes: list[list[int]] = []
+    at_once = [0, 0]  # batches running now, most ever
+    plain_batch = rec.batch
+
+    async def checked(args: list[int]) -> list[int]:
+        mine = [k for a in args for k in keys[a]]
+        running = {k for a in live for k in keys[a]}
+        if len(set(mine)) != len(mine) or set(mine) & running:
+            clashes.append(list(args))
+        live.extend(args)
+        at_once[0] += 1
+        at_once[1] = max(at_once)
+        try:
+            await asyncio.sleep(rng.random() * 0.003)
+            return await plain_batch(args)
+        finally:
+            at_once[0] -= 1
+            for a in args:
+                live.remove(a)
+
+    async def checked_one(arg: int) -> int:
+        return (await checked([arg]))[0]
+
+    rec.batch, rec.one = checked, checked_one  # type: ignore[method-assign]
+    group = rec.group(concurrency=3, max_batch=4)
+
+    async def submit(i: int) -> int:
+        await asyncio.sleep(rng.random() * 0.05)
+        return await group.submit(i, keys[i])
+
+    assert await asyncio.gather(*(submit(i) for i in keys)) == [i * 10 for i in keys]
+    assert clashes == []
+    assert group.stats.largest > 1 and at_once[1] >= 2, "nothing ran together"
+    assert at_once[1] <= 3 and group.stats.writes == len(keys)
 
 
 async def test_a_key_in_a_running_batch_waits_for_it() -> None:
@@ -238,3 +257,21 @@ async def test_concurrency_zero_holds_writes_until_raised() -> None:
     group.concurrency = 1
     assert await asyncio.gather(*tasks) == [0, 10, 20, 30]
     assert rec.batches == [[0, 1, 2, 3]] and group.pending == 0
+
+
+async def test_close_cancels_waiting_writes_and_starts_nothing() -> None:
+    rec = Recorder()
+    group = rec.group()
+    rec.gate.clear()
+    running = asyncio.create_task(group.submit(1, frozenset({1})))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(group.submit(2, frozenset({2})))
+    await asyncio.sleep(0)
+    group.close()
+    rec.gate.set()
+    assert await running == 10  # a batch already running finishes
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert rec.ones == [1] and rec.batches == []
+    with pytest.raises(RuntimeError):
+        await group.submit(3, frozenset({3}))
