@@ -492,12 +492,11 @@ class Uploads:
         their own: the put statement then takes its snapshot after every
         reservation that held one of those locks committed, and the quota sees it.
         (Within one statement, a row lock waited for re-checks the row, but not
-        the reservations the quota subquery reads.)"""
+        the reservations the quota subquery reads.) Both run in a function, one
+        round trip, where a transaction of two statements took four."""
         columns = list(zip(*batch, strict=True))
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(_LOCK_USERS, columns[0])
-            rows = await conn.fetch(_PUT_BATCH, *columns, float(self.settings.upload_ttl))
-        done = {r["pid"]: (r["id"], r["change_seq"]) for r in rows}
+        rows = await self.pool.fetch(_PUT_BATCH, *columns, float(self.settings.upload_ttl))
+        done = {r["pid"]: (r["object_id"], r["change_seq"]) for r in rows}
         return [done.get(new.pid) for new in batch]
 
     async def _put_revision(self, user: int, device: str | None, frame: Put) -> CommitResult:
@@ -917,6 +916,7 @@ class Uploads:
 #: The bytes reserved against the quota of user ``u``: its own unfinished uploads
 #: of new objects or of its objects, plus others' unfinished uploads to its
 #: (shared) objects. Two indexed lookups rather than a scan of every upload row.
+#: (migrations/0008_put_batch.sql repeats this sum: change both together.)
 _RESERVED = """(
     coalesce((SELECT sum(p.size) FROM uploads p
               LEFT JOIN objects o ON o.id = p.object_id
@@ -926,57 +926,18 @@ _RESERVED = """(
               JOIN uploads p ON p.object_id = o.id AND p.state = 'open'
               WHERE o.owner_id = u.id AND p.user_id <> u.id AND p.expires_at > now()), 0))"""
 
-#: A put of a new object, whole, in one statement: the quota charged and the
-#: user's change seq taken (under the user's row lock, as record_change does), the
-#: object, its partition, the owner's feed row, and a committed upload row under
-#: the client's id, so that a resent put finds its result. No row comes back when
-#: the quota does not fit or the id is already taken.
-
-#: The users rows of a batch of puts, locked in id order (``_put_batch``).
-_LOCK_USERS = """
-SELECT 1 FROM users WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE"""
-
-#: New objects of one-part puts, one per user and per upload id (each users row
-#: is updated once), in one statement: it charges the quota and takes the
-#: owner's change seq on the users row (locked by ``_LOCK_USERS``, so the feed
-#: stays gap-free), inserts the object, its partition and the feed row, and
-#: records a committed upload row under the client's id. Puts whose id is taken
-#: or whose quota is short are left out of the result; the caller then finds
-#: out which.
-_PUT_BATCH = f"""
-WITH i AS (
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[],
-                         $6::bytea[], $7::bytea[], $8::bigint[], $9::text[], $10::text[],
-                         $11::bytea[], $12::bytea[], $13::bytea[])
-        AS i(user_id, upload, size, name, mtime, key, salt, pid, device, store_key,
-             sha256, part_salt, part_key)
-    WHERE NOT EXISTS (SELECT 1 FROM uploads WHERE id = i.upload)),
-seq AS (
-    UPDATE users u SET used = u.used + i.size, change_seq = u.change_seq + 1
-    FROM i
-    WHERE u.id = i.user_id AND u.used + {_RESERVED} + i.size <= u.quota
-    RETURNING u.id, u.change_seq),
-ok AS (SELECT i.*, seq.change_seq FROM i JOIN seq ON seq.id = i.user_id),
-obj AS (
-    INSERT INTO objects (owner_id, kind, rev, size, enc_name, enc_mtime, enc_key, salt,
-                         head_partition, origin)
-    SELECT user_id, 'file', 1, size, name, mtime, key, salt, pid, device FROM ok
-    RETURNING id, head_partition),
-made AS (SELECT ok.*, obj.id AS object_id FROM ok JOIN obj ON obj.head_partition = ok.pid),
-part AS (
-    INSERT INTO partitions (id, object_id, rev, idx, store_key, size, sha256, salt, enc_key)
-    SELECT pid, object_id, 1, 0, store_key, size, sha256, part_salt, part_key FROM made),
-feed AS (
-    INSERT INTO access_list (user_id, object_id, role, status, seq)
-    SELECT user_id, object_id, 'owner', 'active', change_seq FROM made),
-done AS (
-    INSERT INTO uploads (id, user_id, device_id, kind, enc_name, enc_mtime, enc_key, salt,
-                         declared_parts, size, state, expires_at,
-                         result_object, result_rev, result_seq)
-    SELECT upload, user_id, device, 'file', '', '', '', '', 1, size, 'committed',
-           now() + make_interval(secs => $14), object_id, 1, change_seq
-    FROM made)
-SELECT pid, object_id AS id, change_seq FROM made"""
+#: New objects of one-part puts, several users' at once, in one round trip: the
+#: function (migrations/0008_put_batch.sql) locks the users rows in id order,
+#: then in a statement of its own (a snapshot taken after those locks, so the
+#: quota sees every reservation committed meanwhile) charges the quota, takes
+#: each owner's change seq (gap-free feed), inserts the objects, partitions and
+#: feed rows, and records a committed upload row under each client id. Puts
+#: whose id is taken or whose quota is short are left out of the result.
+_PUT_BATCH = """
+SELECT pid, object_id, change_seq
+FROM tessera_put_batch($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[],
+                       $6::bytea[], $7::bytea[], $8::bigint[], $9::text[], $10::text[],
+                       $11::bytea[], $12::bytea[], $13::bytea[], $14::double precision)"""
 
 #: A commit's first read, in one round trip: the upload, its parts (as arrays), the
 #: object's current rev, and (if still open) the ids its partitions will get.

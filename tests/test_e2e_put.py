@@ -522,7 +522,7 @@ async def test_a_batch_refused_by_the_database_commits_its_puts_one_by_one(
     deadline = time.monotonic() + 20
     while not await probe.fetchval(  # the batch waits on the uncommitted id
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query LIKE '%unnest%'"
+        "AND query LIKE '%tessera_put_batch%'"
     ):
         assert time.monotonic() < deadline, "the batch never waited on the id"
         await asyncio.sleep(0.02)
@@ -573,7 +573,7 @@ async def test_a_batch_locks_its_users_in_id_order(make_server, db, database_url
     deadline = time.monotonic() + 20
     while not await db.fetchval(  # the batch waits for the lower user's row
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query LIKE '%FOR NO KEY UPDATE%'"
+        "AND query LIKE '%tessera_put_batch%'"
     ):
         assert time.monotonic() < deadline, "the batch never waited"
         await asyncio.sleep(0.02)
@@ -590,3 +590,41 @@ async def test_a_batch_locks_its_users_in_id_order(make_server, db, database_url
     assert (stats.largest, stats.split) == (2, 0)
     for c in clients:
         await c.close()
+
+
+async def test_a_put_waiting_for_its_users_row_sees_a_reservation_made_meanwhile(
+    make_server, db, database_url
+):
+    """An upload declared while a put waits for the user's row lock: the put's
+    quota check counts the reservation (its statement's snapshot is taken after
+    the lock). In one statement it did not, and the quota was overrun."""
+    server = make_server(default_quota=1000)
+    tokens = await register_login(server.http, unique("putrace"))
+    client = await SyncClient.connect(server.ws, tokens["access"])
+    user = client.welcome["user"]
+    other = await asyncpg.connect(database_url)
+    declare = other.transaction()
+    await declare.start()  # what a declaration does: lock the user, reserve
+    await other.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", user)
+    await other.execute(
+        "INSERT INTO uploads (id, user_id, kind, enc_name, enc_mtime, enc_key, salt, "
+        "declared_parts, size, expires_at) "
+        "VALUES ($1, $2, 'file', '', '', '', '', 1, 600, now() + interval '1 hour')",
+        secrets.token_urlsafe(16),
+        user,
+    )
+    frame = client.put_frame(os.urandom(500))
+    await client.send(frame)
+    deadline = time.monotonic() + 20
+    while not await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query LIKE '%tessera_put_batch%'"
+    ):
+        assert time.monotonic() < deadline, "the put never waited"
+        await asyncio.sleep(0.02)
+    await declare.commit()
+    await other.close()
+    reply = await client.wait_for(lambda f: f.get("rid") == frame["rid"])
+    assert reply["t"] == "error" and reply["code"] == "quota_exceeded", reply
+    assert await _count(db, "SELECT used FROM users WHERE id = $1", user) == 0
+    await client.close()
