@@ -913,18 +913,9 @@ class Uploads:
             log.warning("could not delete %d store objects; the janitor will", len(store_keys))
 
 
-#: The bytes reserved against the quota of user ``u``: its own unfinished uploads
-#: of new objects or of its objects, plus others' unfinished uploads to its
-#: (shared) objects. Two indexed lookups rather than a scan of every upload row.
-#: (migrations/0008_put_batch.sql repeats this sum: change both together.)
-_RESERVED = """(
-    coalesce((SELECT sum(p.size) FROM uploads p
-              LEFT JOIN objects o ON o.id = p.object_id
-              WHERE p.user_id = u.id AND p.state = 'open' AND p.expires_at > now()
-                AND (p.object_id IS NULL OR o.owner_id = u.id)), 0)
-  + coalesce((SELECT sum(p.size) FROM objects o
-              JOIN uploads p ON p.object_id = o.id AND p.state = 'open'
-              WHERE o.owner_id = u.id AND p.user_id <> u.id AND p.expires_at > now()), 0))"""
+#: The bytes reserved against the quota of user ``u`` by unfinished uploads
+#: (``tessera_reserved``, migrations/0008_put_batch.sql, which puts use too).
+_RESERVED = "tessera_reserved(u.id)"
 
 #: New objects of one-part puts, several users' at once, in one round trip: the
 #: function (migrations/0008_put_batch.sql) locks the users rows in id order,
