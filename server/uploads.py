@@ -847,8 +847,9 @@ class Uploads:
             seq = await record_change(conn, obj, user, "active", new=up["object_id"] is None)
             fits = await conn.fetchval(
                 """WITH fits AS (
-                       UPDATE users SET used = used + $2
-                       WHERE id = $1 AND ($2 <= 0 OR used + $2 <= quota) RETURNING 1),
+                       UPDATE users SET used = used + $2::bigint
+                       WHERE id = $1 AND ($2::bigint <= 0 OR used + $2::bigint <= quota)
+                       RETURNING 1),
                    done AS (
                        UPDATE uploads SET state = 'committed', result_object = $4,
                               result_rev = $5, result_seq = $6,

@@ -106,3 +106,24 @@ async def test_a_sessions_parts_are_stored_side_by_side_up_to_the_stores_bound(
     else:
         assert most == store.parallel_puts == 2
     await client.close()
+
+
+async def test_a_revision_of_an_object_over_2_gib_commits_and_refunds_the_quota(server, alice, db):
+    """The quota delta of a commit is a bigint: it overflowed int4 (an internal
+    error) for any object of 2 GiB or more, found by a 2 GiB upload bench."""
+    client = await SyncClient.connect(server.ws, alice["access"])
+    user = client.welcome["user"]
+    first = await client.push([b"v1"])
+    huge = 3 << 30
+    # As if rev 1 had been 3 GiB (sending 3 GiB here would cost the suite seconds).
+    await db.execute("UPDATE objects SET size = $2 WHERE id = $1", first["object"], huge)
+    await db.execute(
+        "UPDATE users SET quota = greatest(quota, 2 * $2::bigint), used = used - 2 + $2 "
+        "WHERE id = $1",
+        user,
+        huge,
+    )
+    second = await client.push([b"v2"], obj=first["object"], base=1)
+    assert second["rev"] == 2, second
+    assert await db.fetchval("SELECT used FROM users WHERE id = $1", user) == 2
+    await client.close()
