@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -98,9 +99,12 @@ class Session:
         self.outbox = Outbox(self._send_bytes, high_water=services.settings.outbox_frames)
         self.uploads: dict[str, UploadRecord] = {}
         self.writers: dict[tuple[str, int], PartWriter] = {}
-        #: One lane per part being received: its writes in order, parts in parallel.
-        self._lanes: dict[PartWriter, asyncio.Queue[_IngestOp]] = {}
-        self._lane_tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        #: Jobs of this session's spooled parts not yet reported back by their
+        #: ingest thread; ``_ingest_idle`` is set whenever there are none.
+        self._ingesting = 0
+        self._ingest_idle = asyncio.Event()
+        self._ingest_idle.set()
         self._requests: set[asyncio.Task[None]] = set()
         self._finishing: set[asyncio.Task[Any]] = set()
         self._gets: set[asyncio.Task[None]] = set()
@@ -178,11 +182,9 @@ class Session:
         if code != CloseCode.NORMAL:
             await self.outbox.flush(1.0)  # let the last error frame out before the close
         self.outbox.close()
-        for task in [*background, *self._requests, *self._gets, *self._lane_tasks]:
+        for task in [*background, *self._requests, *self._gets]:
             task.cancel()
-        await asyncio.gather(
-            *background, *self._requests, *self._gets, *self._lane_tasks, return_exceptions=True
-        )
+        await asyncio.gather(*background, *self._requests, *self._gets, return_exceptions=True)
         # Parts already complete are finishing their way into staging, and puts
         # are finishing: let them, so a resumed upload does not have to send them
         # again and a put is whole or not at all.
@@ -190,7 +192,10 @@ class Session:
             await asyncio.wait(self._finishing, timeout=30)
         for writer in list(self.writers.values()):
             if not writer.storing:  # incomplete, or complete but never handed on
-                await writer.call(writer.discard_blocking)
+                self._drop_writer(writer)
+        # Each discard runs after its part's queued writes, on their thread.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ingest_idle.wait(), 30)
         if self.ws.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close(code, reason[:120])
@@ -598,44 +603,58 @@ class Session:
             self.outbox.send(grant)
 
     def _enqueue(self, writer: PartWriter, op: _IngestOp) -> None:
-        lane = self._lanes.get(writer)
-        if lane is None:
-            lane = self._lanes[writer] = asyncio.Queue()
-            task = asyncio.create_task(self._run_lane(writer, lane))
-            self._lane_tasks.add(task)
-            task.add_done_callback(self._lane_tasks.discard)
-        lane.put_nowait(op)
+        """Apply ``op`` to its part: at once for a part held in memory, else on the
+        part's ingest thread, after the ops enqueued for it before."""
+        if writer.in_memory:
+            self._ingested(op, self._apply(op))
+            return
+        self._ingesting += 1
+        self._ingest_idle.clear()
+        self.svc.uploads.ingest.submit(writer.lane, functools.partial(self._ingest_job, op))
 
-    async def _run_lane(self, writer: PartWriter, lane: asyncio.Queue[_IngestOp]) -> None:
-        """Write one part's chunks in order, hashing in a worker thread, so parts
-        in flight are hashed in parallel; credit returns as each chunk is written."""
+    @staticmethod
+    def _apply(op: _IngestOp) -> BaseException | None:
+        """Write, discard or (nothing to do) finish; runs on an ingest thread for a
+        spooled part, where hashlib and file writes release the GIL."""
         try:
-            while True:
-                op = await lane.get()
-                match op:
-                    case _Write(_, data):
-                        try:
-                            await writer.call(writer.write_blocking, data)
-                        except (OSError, ValueError):
-                            log.exception("session %s: spool write failed", self.id)
-                            self._fail_part(writer, ErrorCode.UNAVAILABLE, "server disk error")
-                        self._release(len(data))
-                    case _Discard(_):
-                        await writer.call(writer.discard_blocking)
-                        return
-                    case _Finish(record, _):
-                        if not writer.discarded:
-                            task = asyncio.create_task(self._finish(record, writer))
-                            self._finishing.add(task)
-                            task.add_done_callback(self._finishing.discard)
-                        return
-        finally:
-            self._lanes.pop(writer, None)
-            # Chunks still queued behind a discard or finish were spent credit too.
-            while not lane.empty():
-                op = lane.get_nowait()
-                if isinstance(op, _Write):
-                    self._release(len(op.data))
+            match op:
+                case _Write(writer, data):
+                    writer.write_blocking(data)
+                case _Discard(writer):
+                    writer.discard_blocking()
+            return None
+        except Exception as exc:
+            return exc
+
+    def _ingest_job(self, op: _IngestOp) -> None:
+        """On an ingest thread: apply ``op``, then report to the event loop."""
+        error = self._apply(op)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+            self._loop.call_soon_threadsafe(self._ingest_done, op, error)
+
+    def _ingest_done(self, op: _IngestOp, error: BaseException | None) -> None:
+        self._ingesting -= 1
+        if not self._ingesting:
+            self._ingest_idle.set()
+        self._ingested(op, error)
+
+    def _ingested(self, op: _IngestOp, error: BaseException | None) -> None:
+        """An op is done: return its credit, report a failed write, start storing a
+        complete part."""
+        match op:
+            case _Write(writer, data):
+                if error is not None and not writer.discarded:
+                    log.error("session %s: spool write failed: %r", self.id, error)
+                    self._fail_part(writer, ErrorCode.UNAVAILABLE, "server disk error")
+                self._release(len(data))
+            case _Discard(writer):
+                if error is not None:
+                    log.warning("session %s: spool discard failed: %r", self.id, error)
+            case _Finish(record, writer):
+                if not writer.discarded:
+                    task = asyncio.create_task(self._finish(record, writer))
+                    self._finishing.add(task)
+                    task.add_done_callback(self._finishing.discard)
 
     def _drop_writer(self, writer: PartWriter) -> None:
         """Forget a part in progress and delete its spool file (in order with its writes)."""

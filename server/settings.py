@@ -138,6 +138,9 @@ class Settings:
         default=16 * 1024 * MiB,
         metadata=_h("bytes declared by a user's unfinished uploads (quota_exceeded beyond)"),
     )
+    ingest_threads: int = field(
+        default=2, metadata=_h("threads writing and hashing uploaded chunks (parts in parallel)")
+    )
     commit_concurrency: int = field(
         default=16, metadata=_h("commits and aborts running at once per node (lock connections)")
     )
@@ -207,6 +210,7 @@ class Settings:
             "login_max_failures",
             "idle_timeout",
             "login_window",
+            "ingest_threads",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

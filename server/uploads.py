@@ -20,7 +20,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 
@@ -29,7 +29,9 @@ from protocol.frames import PartSpec, Put, Upload
 from server import keys
 from server.feed import record_change
 from server.groupcommit import GroupCommit
+from server.ingest import IngestThreads
 from server.settings import Settings
+from server.spool import SpoolFile
 from server.stores import BlobNotFound, BlobStore
 
 log = logging.getLogger(__name__)
@@ -118,12 +120,16 @@ class PartWriter:
     event loop. For in-memory parts they are cheap enough to call on the loop.
     """
 
-    def __init__(self, spool_dir: Path, upload: str, index: int, size: int, sha256: bytes) -> None:
+    def __init__(
+        self, spool_dir: Path, upload: str, index: int, size: int, sha256: bytes, lane: int = 0
+    ) -> None:
         self.upload = upload
         self.index = index
         self.size = size
         self.expected = sha256
         self.in_memory = size <= SMALL_PART
+        #: The ingest thread a session writes this part on (``Uploads.ingest``).
+        self.lane = lane
         self._spool_dir = spool_dir
         self._path: Path | None = None
         #: Bytes accepted so far (advanced by the caller before the write runs).
@@ -131,7 +137,7 @@ class PartWriter:
         self.discarded = False
         #: Handed to store_part, which owns the spool file from then on.
         self.storing = False
-        self._file: IO[bytes] | None = None
+        self._file: SpoolFile | None = None
         self._buffer = bytearray()
         self._hash = hashlib.sha256()
         self._written = 0
@@ -163,7 +169,7 @@ class PartWriter:
             self._buffer += data
         else:
             if self._file is None:
-                self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
+                self._file = SpoolFile(self.path)  # closed in finish/discard
             self._file.write(data)
         self._hash.update(data)
         self._written += len(data)
@@ -172,15 +178,15 @@ class PartWriter:
         """Close the spool file; True when size and sha256 match the declaration."""
         if not self.in_memory:
             if self._file is None:
-                self._file = open(self.path, "wb")  # noqa: SIM115
+                self._file = SpoolFile(self.path)
             self._file.close()
         return self._written == self.size and self._hash.digest() == self.expected
 
     def discard_blocking(self) -> None:
         self.discarded = True
         self._buffer = bytearray()
-        if self._file is not None and not self._file.closed:
-            self._file.close()
+        if self._file is not None:
+            self._file.abort()
         if self._path is not None:
             self._path.unlink(missing_ok=True)
 
@@ -204,6 +210,8 @@ class Uploads:
         self.store = store
         self.spool_dir = spool_dir
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Threads that write and hash the chunks of sessions' spooled parts.
+        self.ingest = IngestThreads(settings.ingest_threads)
         #: Partition ids taken from the sequence and not used yet (``put``).
         self._ids: collections.deque[int] = collections.deque()
         #: New-object puts, committed several users' at a time.
@@ -221,12 +229,20 @@ class Uploads:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
         self.puts.close()
+        await asyncio.to_thread(self.ingest.close)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def writer(self, rec: UploadRecord, index: int) -> PartWriter:
-        return PartWriter(self.spool_dir, rec.id, index, rec.sizes[index], rec.hashes[index])
+        return PartWriter(
+            self.spool_dir,
+            rec.id,
+            index,
+            rec.sizes[index],
+            rec.hashes[index],
+            lane=self.ingest.lane(),
+        )
 
     # ------------------------------------------------------------- create
 

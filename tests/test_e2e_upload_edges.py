@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from pathlib import Path
 
 from tests.conftest import unique
 from tests.support.client import SyncClient, register_login
@@ -126,4 +127,67 @@ async def test_a_revision_of_an_object_over_2_gib_commits_and_refunds_the_quota(
     second = await client.push([b"v2"], obj=first["object"], base=1)
     assert second["rev"] == 2, second
     assert await db.fetchval("SELECT used FROM users WHERE id = $1", user) == 2
+    await client.close()
+
+
+async def test_a_failed_spool_write_fails_the_part_and_a_resend_stores_it(make_server):
+    server = make_server()
+    spool = Path(server.services.spool_dir)
+    tokens = await register_login(server.http, unique("spoolfail"))
+    client = await SyncClient.connect(server.ws, tokens["access"])
+    data = os.urandom(200_000)  # spooled: above the in-memory size
+    ok = await client.start_upload([data])
+    upload = ok["upload"]
+    away = spool.with_name("spool.away")
+
+    def block() -> None:
+        spool.rename(away)
+        spool.write_bytes(b"")  # a file where the directory was: every open fails
+
+    def unblock() -> None:
+        spool.unlink()
+        away.rename(spool)
+
+    await asyncio.to_thread(block)
+    try:
+        await client.send_chunk(upload, 0, 0, data)
+        error = await client.wait_for(lambda f: f.get("upload") == upload)
+    finally:
+        await asyncio.to_thread(unblock)
+    assert error["t"] == "error" and error["code"] == "unavailable", error
+    assert error["part"] == 0
+    # The credit of the failed chunk came back, and the part starts again from 0.
+    await client.send_parts(upload, [data])
+    done = await client.request({"t": "commit", "upload": upload})
+    assert done["t"] == "committed", done
+    change = await client.wait_for(lambda f: f["t"] == "change" and f["seq"] == done["seq"])
+    assert await client.download(change["parts"][0]["id"]) == data
+    await client.close()
+
+
+async def test_a_session_dropped_mid_upload_leaves_no_spool_file(make_server):
+    """Chunks of three parts still queued for their ingest threads when the socket
+    goes: each part's discard runs after its writes, and nothing is left."""
+    server = make_server()
+    spool = Path(server.services.spool_dir)
+    tokens = await register_login(server.http, unique("spooldrop"))
+    client = await SyncClient.connect(server.ws, tokens["access"])
+    parts = [os.urandom(3 << 20) for _ in range(3)]
+    ok = await client.start_upload(parts)
+    upload = ok["upload"]
+    for off in range(0, 2 << 20, 1 << 20):
+        for i, part in enumerate(parts):
+            await client.send_chunk(upload, i, off, part[off : off + (1 << 20)])
+    client.ws.transport.abort()
+    deadline = asyncio.get_running_loop().time() + 15
+    while left := await asyncio.to_thread(lambda: list(spool.iterdir())):
+        assert asyncio.get_running_loop().time() < deadline, left
+        await asyncio.sleep(0.05)
+    # The upload is still open: a new session resumes it with every part missing.
+    client = await SyncClient.connect(server.ws, tokens["access"])
+    resumed = await client.request({"t": "resume", "upload": upload})
+    assert resumed["t"] == "upload_ok", resumed
+    await client.send_parts(upload, parts, chunk=1 << 20)
+    done = await client.request({"t": "commit", "upload": upload})
+    assert done["t"] == "committed", done
     await client.close()
