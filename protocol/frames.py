@@ -166,7 +166,7 @@ class Chunk:
     upload: str
     part: int
     off: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +341,8 @@ def _chunk(m: Mapping[str, Any], limits: Limits) -> Chunk:
         upload=req_str(m, "upload", MAX_UPLOAD_ID),
         part=req_int(m, "part", 0, limits.max_parts - 1),
         off=req_int(m, "off", 0),
-        data=_field(m, "data", bytes, "bytes (msgpack bin)"),
+        # A memoryview of the message when large (see codec.LIFT_MIN): no copy.
+        data=_field(m, "data", (bytes, memoryview), "bytes (msgpack bin)"),
     )
 
 

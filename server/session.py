@@ -6,8 +6,9 @@ Three kinds of work run side by side so that none can stall the others:
   (bookkeeping only, no I/O);
 * requests that touch the database or the store run as tasks, so a long commit
   does not hold up chunks of another upload;
-* one ingest task writes chunk data to spool files in order and returns credit,
-  so server memory per session stays bounded by the credit window.
+* each part's chunks are written to its spool file, in order, on an ingest
+  thread (:mod:`server.ingest`), which returns their credit as it goes, so
+  server memory per session stays bounded by the credit window.
 
 Everything leaves through the :class:`Outbox`.
 """
@@ -63,7 +64,7 @@ EXPIRY_WARNING = 60.0
 @dataclass(slots=True)
 class _Write:
     writer: PartWriter
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(slots=True)

@@ -162,7 +162,7 @@ class PartWriter:
         """An in-memory part's bytes."""
         return bytes(self._buffer)
 
-    def write_blocking(self, data: bytes) -> None:
+    def write_blocking(self, data: bytes | memoryview) -> None:
         if self.discarded:
             return
         if self.in_memory:

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import frames
-from protocol.codec import DATA_HEAD_ROOM, data_head, decode, encode
+from protocol.codec import DATA_HEAD_ROOM, LIFT_MIN, _decode_chunk, data_head, decode, encode
 from protocol.errors import CloseCode, FrameError, ProtocolError, ProtocolViolation
+from protocol.limits import Limits
 
 MAX_FRAME = 64 * 1024
 
@@ -282,3 +283,95 @@ def test_data_head_plus_payload_is_the_data_frame(rid: int, off: int, size: int,
 def test_data_head_without_its_payload_is_not_a_frame() -> None:
     with pytest.raises(FrameError):
         decode(data_head(1, 0, 10, False) + b"short", 1 << 20)
+
+
+# ------------------------------------------------- chunk frames without a copy
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=300)
+    | st.binary(max_size=300)
+)
+
+
+def _reference(message: bytes) -> object:
+    return msgpack.unpackb(message, raw=False, strict_map_key=False, timestamp=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.dictionaries(st.text(max_size=12), _SCALARS, max_size=8),
+    data=st.integers(min_value=0, max_value=3 * LIFT_MIN),
+)
+def test_a_large_chunk_decodes_as_msgpack_does_with_its_data_uncopied(
+    fields: dict, data: int
+) -> None:
+    frame = {**fields, "t": "chunk", "data": b"\x07" * data}
+    message = packb(frame)
+    got = decode(message, len(message))
+    assert got == _reference(message) == frame
+    lifted = len(message) >= LIFT_MIN and data >= LIFT_MIN
+    assert isinstance(got["data"], memoryview) == lifted
+    if lifted:
+        assert got["data"].obj is message  # a view of the message: no copy
+        assert got["data"].readonly
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    cut=st.integers(min_value=0, max_value=LIFT_MIN + 200),
+    flip=st.integers(min_value=0, max_value=LIFT_MIN + 200),
+    byte=st.integers(min_value=0, max_value=255),
+    tail=st.binary(max_size=3),
+    fields=st.dictionaries(
+        st.text(max_size=5), _SCALARS | st.lists(st.integers(0, 1000)), max_size=4
+    ),
+)
+def test_the_chunk_fast_path_accepts_only_what_msgpack_decodes_the_same(
+    cut: int, flip: int, byte: int, tail: bytes, fields: dict
+) -> None:
+    """Damaged, nested, trailing: the fast path either decodes a message exactly as
+    msgpack does or leaves it to msgpack (which then judges it as before)."""
+    message = bytearray(packb({"t": "chunk", **fields, "off": 5, "data": b"d" * LIFT_MIN}))
+    if flip < len(message):
+        message[flip] = byte
+    message = bytes(message[: len(message) - cut % 7] + tail)
+    fast = _decode_chunk(message)
+    if fast is not None:
+        assert fast == _reference(message)
+        assert fast["t"] == "chunk"
+
+
+def test_only_chunk_frames_are_lifted() -> None:
+    message = packb({"t": "put", "rid": 1, "data": b"x" * (2 * LIFT_MIN)})
+    assert isinstance(decode(message, len(message))["data"], bytes)
+    small = packb({"t": "chunk", "upload": "u", "part": 0, "off": 0, "data": b"x" * 100})
+    assert isinstance(decode(small, len(small))["data"], bytes)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"t": "chunk", 1: "int key", "data": b"x" * LIFT_MIN},
+        {"t": "chunk", "nested": [1, 2], "data": b"x" * LIFT_MIN},
+        {"t": "chunk", "data": b"x" * LIFT_MIN, "s": "y" * (1 << 20 + 1)},
+    ],
+)
+def test_what_the_fast_path_leaves_is_judged_as_before(frame: dict) -> None:
+    message = packb(frame)
+    assert _decode_chunk(message) is None
+    if 1 in frame or "s" in frame:
+        with pytest.raises(FrameError):
+            decode(message, len(message))
+    else:
+        assert decode(message, len(message)) == frame
+
+
+def test_a_lifted_chunk_is_a_valid_chunk_frame() -> None:
+    message = packb({"t": "chunk", "upload": "u1", "part": 2, "off": 0, "data": b"z" * LIFT_MIN})
+    chunk = frames.parse_client_frame(decode(message, len(message)), Limits())
+    assert isinstance(chunk, frames.Chunk)
+    assert bytes(chunk.data) == b"z" * LIFT_MIN
