@@ -16,6 +16,7 @@ from server.db import create_pool
 from server.memory import tune_malloc
 from server.migrate import migrate
 from server.settings import Settings, add_arguments
+from server.wsprotocol import WSProtocol
 
 
 def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
@@ -25,7 +26,8 @@ def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
         "port": settings.port,
         "lifespan": "on",
         "log_level": settings.log_level,
-        "ws": "websockets-sansio",
+        # websockets-sansio, sending large binary messages without copying them.
+        "ws": WSProtocol,
         "ws_max_size": settings.max_frame,
         # Partitions are ciphertext: compressing them only burns CPU.
         "ws_per_message_deflate": False,

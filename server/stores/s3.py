@@ -245,19 +245,24 @@ class S3Store:
             with _translate(key):
                 # Whole pieces of chunk_size (the network hands out smaller ones):
                 # a download becomes few large frames rather than many small ones.
-                # Each network piece is copied once, into the chunk it belongs to.
+                # Each network piece is copied once, into the chunk it belongs to,
+                # which is allocated whole: growing it piece by piece (+=) made
+                # realloc copy it again and again, 4x the bytes downloaded.
                 full = room + chunk_size
-                pending = bytearray(room)
+                buf, filled = bytearray(full), room
                 async for piece in resp.content.iter_any():
-                    pending += piece
-                    while len(pending) >= full:
-                        rest = bytearray(room)
-                        rest += memoryview(pending)[full:]
-                        del pending[full:]
-                        yield pending
-                        pending = rest
-                if len(pending) > room:
-                    yield pending
+                    view = memoryview(piece)
+                    while view:
+                        n = min(len(view), full - filled)
+                        buf[filled : filled + n] = view[:n]
+                        filled += n
+                        view = view[n:]
+                        if filled == full:
+                            yield buf
+                            buf, filled = bytearray(full), room
+                if filled > room:
+                    del buf[filled:]  # shrinks in place
+                    yield buf
         finally:
             # release() reuses the connection when the body was drained, closes it if not.
             resp.release()
