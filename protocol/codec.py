@@ -72,6 +72,13 @@ def decode(message: bytes, max_frame: int) -> dict[str, Any]:
 #: server's event loop that copy was one of five of every uploaded byte.
 LIFT_MIN = 16 * 1024
 
+#: A lifted ``data`` keeps its whole message alive while the window is charged
+#: for ``data`` alone, so the rest of the message must be small: a chunk padded
+#: with other keys is copied as before. Likewise a chunk has five keys; a map of
+#: more is left to msgpack, which is faster at many small entries.
+LIFT_SLACK = 1024
+LIFT_KEYS = 8
+
 _STRUCTS = {n: struct.Struct(f">{c}") for n, c in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
 _SIGNED = {n: struct.Struct(f">{c}") for n, c in ((1, "b"), (2, "h"), (4, "i"), (8, "q"))}
 _FLOATS = {0xCA: struct.Struct(">f"), 0xCB: struct.Struct(">d")}
@@ -154,7 +161,7 @@ def _decode_chunk(message: bytes) -> dict[str, Any] | None:
             entries = length(2 if head == 0xDE else 4)
         else:
             return None
-        if entries > _MAX_CONTAINER:
+        if entries > LIFT_KEYS:
             return None
         frame: dict[str, Any] = {}
         for _ in range(entries):
@@ -164,6 +171,9 @@ def _decode_chunk(message: bytes) -> dict[str, Any] | None:
             frame[key] = value()
         if pos != end or frame.get("t") != "chunk":
             return None
+        data = frame.get("data")
+        if end - (len(data) if isinstance(data, memoryview) else 0) > LIFT_SLACK:
+            return None  # no data view, or one holding a large message alive
     except _NotFlat:
         return None
     return frame

@@ -37,6 +37,7 @@ class IngestThreads:
         ]
         self._next = itertools.count()
         self._started = False
+        self._closed = False
         self._lock = threading.Lock()
 
     def lane(self) -> int:
@@ -45,28 +46,38 @@ class IngestThreads:
 
     def submit(self, lane: int, job: Callable[[], None]) -> None:
         """Run ``job`` on thread ``lane`` after the jobs submitted there before it.
-        A job reports its own outcome; an exception escaping it is logged."""
-        if not self._started:
-            with self._lock:
+        A job reports its own outcome; an exception escaping it is logged. Once
+        closed, a job runs at once on the caller's thread: a session still
+        shutting down then still gets its discards run and its credit back."""
+        with self._lock:  # against a close() on another thread in between
+            if not self._closed:
                 if not self._started:
                     for thread in self._threads:
                         thread.start()
                     self._started = True
-        self._queues[lane].put(job)
+                self._queues[lane].put(job)
+                return
+        self._run(job)
 
     def close(self, timeout: float = 5.0) -> None:
         """Let queued jobs finish, then stop the threads."""
-        if not self._started:
-            return
+        with self._lock:
+            self._closed = True
+            if not self._started:
+                return
         for q in self._queues:
             q.put(None)
         for thread in self._threads:
             thread.join(timeout)
 
-    @staticmethod
-    def _work(jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    @classmethod
+    def _work(cls, jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
         while (job := jobs.get()) is not None:
-            try:
-                job()
-            except BaseException:
-                log.exception("ingest job failed")
+            cls._run(job)
+
+    @staticmethod
+    def _run(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except Exception:
+            log.exception("ingest job failed")

@@ -139,7 +139,8 @@ class Settings:
         metadata=_h("bytes declared by a user's unfinished uploads (quota_exceeded beyond)"),
     )
     ingest_threads: int = field(
-        default=2, metadata=_h("threads writing and hashing uploaded chunks (parts in parallel)")
+        default=0,
+        metadata=_h("threads writing and hashing uploaded chunks; 0: one per core, at most 8"),
     )
     commit_concurrency: int = field(
         default=16, metadata=_h("commits and aborts running at once per node (lock connections)")
@@ -210,10 +211,11 @@ class Settings:
             "login_max_failures",
             "idle_timeout",
             "login_window",
-            "ingest_threads",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.ingest_threads < 0:
+            raise ValueError("ingest_threads must be 0 (one per core) or more")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
 

@@ -86,21 +86,19 @@ class SpoolFile:
 
     def _flush(self, buf: mmap.mmap, n: int) -> bool:
         """Write the first ``n`` bytes of ``buf`` directly; False when the file fell
-        back to buffered writes (those bytes written all the same)."""
+        back to buffered writes (all ``n`` bytes are written either way, once)."""
         view = memoryview(buf)[:n]
-        try:
-            _write_all(self.fd, view)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            # Refused after all (e.g. a block size above BLOCK): no partial write
-            # happened, since a direct write is all or nothing on a block.
-            self._buffered()
-            _write_all(self.fd, view)
-            return False
-        finally:
-            view.release()
-        return True
+        done = 0
+        while done < n:
+            try:
+                done += os.write(self.fd, view[done:])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                # Refused after all (e.g. a block size above BLOCK, or an offset
+                # left unaligned by a short write): the rest through the cache.
+                self._buffered()
+        return self.direct
 
     def _buffered(self) -> None:
         import fcntl

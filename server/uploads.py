@@ -211,7 +211,7 @@ class Uploads:
         self.spool_dir = spool_dir
         self._tasks: set[asyncio.Task[None]] = set()
         #: Threads that write and hash the chunks of sessions' spooled parts.
-        self.ingest = IngestThreads(settings.ingest_threads)
+        self.ingest = IngestThreads(settings.ingest_threads or min(8, os.cpu_count() or 2))
         #: Partition ids taken from the sequence and not used yet (``put``).
         self._ids: collections.deque[int] = collections.deque()
         #: New-object puts, committed several users' at a time.

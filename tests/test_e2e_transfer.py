@@ -9,6 +9,7 @@ import os
 
 import httpx
 
+from server.stores.local import READ_AHEAD
 from tests.support.client import SyncClient, meta, part_spec, register_login
 
 PART = 300_000  # bytes; several chunks of 64 KiB each
@@ -272,10 +273,14 @@ async def test_concurrent_downloads_interleave_and_control_frames_pass_data(make
     both_until = min(len(order) - 1 - order[::-1].index(r) for r in rids)
     window = order[both_from : both_until + 1]
     assert len(window) > 20, f"downloads barely overlapped: {order}"
-    # Round-robin alternates; a FIFO would switch once. (Runs of one download are
-    # allowed: the scheduler is work-conserving when the other has nothing ready.)
-    switches = sum(1 for a, b in itertools.pairwise(window) if a != b)
-    assert switches >= min(window.count(r) for r in rids), f"not interleaved: {window}"
+    # Round-robin alternates; a FIFO would send one download whole. Runs of one
+    # download are allowed (the scheduler is work-conserving when the other has
+    # nothing ready), but no longer than what one store read makes ready at once
+    # (READ_AHEAD, in frames) plus the two frames the outbox holds per download:
+    # with sends that copy nothing, a read, not the send, is often the slower.
+    longest = max(len(list(run)) for _, run in itertools.groupby(window))
+    assert longest <= READ_AHEAD // (64 * 1024) + 2, f"not interleaved: {window}"
+    assert sum(1 for a, b in itertools.pairwise(window) if a != b) >= 2, window
     await client.close()
 
 

@@ -182,3 +182,46 @@ def test_close_runs_the_jobs_already_queued() -> None:
     ingest.close()
     assert sorted(done) == list(range(20))
     IngestThreads(1).close()  # never started: nothing to stop
+
+
+@pytest.mark.parametrize(
+    "size",
+    [3 * BLOCK + 1000, 3 * spool.STAGE + 1000],
+    ids=["at the padded last block", "mid-write"],
+)
+def test_a_short_direct_write_then_a_refusal_writes_each_byte_once(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """A direct write that comes back short leaves the offset unaligned, so the
+    next is refused: the rest goes through the cache, from where it stopped."""
+    import fcntl
+
+    real_write = os.write
+    calls = 0
+
+    def write(fd: int, data: object) -> int:
+        nonlocal calls
+        direct = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        calls += 1
+        if direct and calls == 2:
+            return real_write(fd, memoryview(data)[:512])  # type: ignore[arg-type]
+        if direct and calls == 3:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spool.os, "write", write)
+    data = random.Random(5).randbytes(size)
+    f = SpoolFile(direct_dir / "part")
+    f.write(data)
+    f.close()
+    assert calls > 3 and not f.direct
+    assert (direct_dir / "part").read_bytes() == data
+
+
+def test_a_job_submitted_after_close_runs_at_once() -> None:
+    ingest = IngestThreads(1)
+    ingest.submit(0, lambda: None)
+    ingest.close()
+    ran = []
+    ingest.submit(0, lambda: ran.append(threading.get_ident()))
+    assert ran == [threading.get_ident()]
