@@ -169,6 +169,8 @@ def _decode_chunk(message: bytes) -> dict[str, Any] | None:
             if not isinstance(key, str):
                 return None
             frame[key] = value()
+            if key == "t" and frame["t"] != "chunk":
+                return None  # a put (say) of the same size: msgpack decodes it
         if pos != end or frame.get("t") != "chunk":
             return None
         data = frame.get("data")

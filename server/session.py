@@ -614,7 +614,7 @@ class Session:
         self.svc.uploads.ingest.submit(writer.lane, functools.partial(self._ingest_job, op))
 
     @staticmethod
-    def _apply(op: _IngestOp) -> BaseException | None:
+    def _apply(op: _IngestOp) -> Exception | None:
         """Write, discard or (nothing to do) finish; runs on an ingest thread for a
         spooled part, where hashlib and file writes release the GIL."""
         try:
@@ -633,13 +633,13 @@ class Session:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
             self._loop.call_soon_threadsafe(self._ingest_done, op, error)
 
-    def _ingest_done(self, op: _IngestOp, error: BaseException | None) -> None:
+    def _ingest_done(self, op: _IngestOp, error: Exception | None) -> None:
         self._ingesting -= 1
         if not self._ingesting:
             self._ingest_idle.set()
         self._ingested(op, error)
 
-    def _ingested(self, op: _IngestOp, error: BaseException | None) -> None:
+    def _ingested(self, op: _IngestOp, error: Exception | None) -> None:
         """An op is done: return its credit, report a failed write, start storing a
         complete part."""
         match op:

@@ -17,6 +17,7 @@ is written through the page cache as before.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import threading
@@ -25,7 +26,7 @@ from pathlib import Path
 #: Alignment of direct writes: a multiple of any block size in use (512, 4096).
 BLOCK = 4096
 
-#: Largest single direct write; staging buffers are this size plus one block.
+#: Largest single direct write, and the size of each thread's staging buffer.
 STAGE = 1 << 20
 
 _local = threading.local()
@@ -35,7 +36,7 @@ def _stage() -> mmap.mmap:
     """This thread's aligned buffer (mmap memory is page-aligned)."""
     buf: mmap.mmap | None = getattr(_local, "buf", None)
     if buf is None:
-        buf = _local.buf = mmap.mmap(-1, STAGE + BLOCK)
+        buf = _local.buf = mmap.mmap(-1, STAGE)
     return buf
 
 
@@ -81,7 +82,8 @@ class SpoolFile:
             data = data[take:]
             tail = b""
             if not self._flush(buf, n):
-                return _write_all(self.fd, data)
+                _write_all(self.fd, data)  # fell back: the rest through the cache
+                return
         self._tail = tail + bytes(data)
 
     def _flush(self, buf: mmap.mmap, n: int) -> bool:
@@ -101,8 +103,6 @@ class SpoolFile:
         return self.direct
 
     def _buffered(self) -> None:
-        import fcntl
-
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
         fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         self.direct = False

@@ -171,6 +171,28 @@ async def test_put_a_new_revision_and_a_stale_one(server, alice, db):
     await client.close()
 
 
+async def _open_upload(conn, upload: str, user: int, size: int) -> None:
+    """An unfinished upload of a new object, as a declaration leaves it."""
+    await conn.execute(
+        "INSERT INTO uploads (id, user_id, kind, enc_name, enc_mtime, enc_key, salt, "
+        "declared_parts, size, expires_at) "
+        "VALUES ($1, $2, 'file', '', '', '', '', 1, $3, now() + interval '1 hour')",
+        upload,
+        user,
+        size,
+    )
+
+
+async def _until_a_put_batch_waits_on_a_lock(conn, why: str) -> None:
+    deadline = time.monotonic() + 20
+    while not await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query LIKE '%tessera_put_batch%'"
+    ):
+        assert time.monotonic() < deadline, f"the batch never waited {why}"
+        await asyncio.sleep(0.02)
+
+
 async def _declared_only(db, user: int, obj: int, frame: dict) -> None:
     """As if a first attempt of ``frame`` got as far as its declaration and no
     further (the connection dropped right after)."""
@@ -506,26 +528,14 @@ async def test_a_batch_refused_by_the_database_commits_its_puts_one_by_one(
     frames = [c.put_frame(os.urandom(900 + i)) for i, c in enumerate(clients)]
     taken = db.transaction()
     await taken.start()
-    await db.execute(
-        "INSERT INTO uploads (id, user_id, kind, enc_name, enc_mtime, enc_key, salt, "
-        "declared_parts, size, expires_at) "
-        "VALUES ($1, $2, 'file', '', '', '', '', 1, 1, now() + interval '1 hour')",
-        frames[0]["upload"],
-        users[0],
-    )
+    await _open_upload(db, frames[0]["upload"], users[0], 1)
     await _pause_puts(server)
     for client, frame in zip(clients, frames, strict=True):
         await client.wait_credit(len(frame["data"]))
         await client.send(frame)
     await _resume_puts_when(server, 3)
     probe = await asyncpg.connect(database_url)
-    deadline = time.monotonic() + 20
-    while not await probe.fetchval(  # the batch waits on the uncommitted id
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query LIKE '%tessera_put_batch%'"
-    ):
-        assert time.monotonic() < deadline, "the batch never waited on the id"
-        await asyncio.sleep(0.02)
+    await _until_a_put_batch_waits_on_a_lock(probe, "on the uncommitted id")
     await probe.close()
     await taken.commit()
     replies = [
@@ -570,13 +580,7 @@ async def test_a_batch_locks_its_users_in_id_order(make_server, db, database_url
         await client.send(frame)  # one at a time: the batch is [high, low]
         await _wait_pending(server, n)
     await _resume_puts_when(server, 2)
-    deadline = time.monotonic() + 20
-    while not await db.fetchval(  # the batch waits for the lower user's row
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query LIKE '%tessera_put_batch%'"
-    ):
-        assert time.monotonic() < deadline, "the batch never waited"
-        await asyncio.sleep(0.02)
+    await _until_a_put_batch_waits_on_a_lock(db, "for the lower user's row")
     # The higher user's row is free: the batch took nothing out of order.
     await other.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", high)
     await commit.commit()
@@ -606,22 +610,10 @@ async def test_a_put_waiting_for_its_users_row_sees_a_reservation_made_meanwhile
     declare = other.transaction()
     await declare.start()  # what a declaration does: lock the user, reserve
     await other.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", user)
-    await other.execute(
-        "INSERT INTO uploads (id, user_id, kind, enc_name, enc_mtime, enc_key, salt, "
-        "declared_parts, size, expires_at) "
-        "VALUES ($1, $2, 'file', '', '', '', '', 1, 600, now() + interval '1 hour')",
-        secrets.token_urlsafe(16),
-        user,
-    )
+    await _open_upload(other, secrets.token_urlsafe(16), user, 600)
     frame = client.put_frame(os.urandom(500))
     await client.send(frame)
-    deadline = time.monotonic() + 20
-    while not await db.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query LIKE '%tessera_put_batch%'"
-    ):
-        assert time.monotonic() < deadline, "the put never waited"
-        await asyncio.sleep(0.02)
+    await _until_a_put_batch_waits_on_a_lock(db, "for the user's row")
     await declare.commit()
     await other.close()
     reply = await client.wait_for(lambda f: f.get("rid") == frame["rid"])
