@@ -181,16 +181,12 @@ def _decode_chunk(message: bytes) -> dict[str, Any] | None:
     return frame
 
 
-#: Room to leave in front of a payload for :func:`data_head` (its longest result is 49).
-DATA_HEAD_ROOM = 64
-
-
 def data_head(rid: int, off: int, size: int, end: bool) -> bytes:
     """A ``data`` frame up to its payload of ``size`` bytes, ``data`` last.
 
     ``data_head(...) + payload`` decodes to ``frames.data(rid, off, payload, end)``;
-    the server reads the payload into a buffer straight behind this head, instead
-    of having msgpack copy each 1 MiB chunk once more.
+    the server sends this head and then the payload as its store read it, instead
+    of having msgpack copy each 1 MiB chunk once more. At most 49 bytes.
     """
     return b"".join(
         (

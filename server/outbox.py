@@ -17,8 +17,9 @@ from typing import Any
 
 from protocol.codec import encode
 
-#: An encoded frame: bytes, or a view of a buffer that holds one (a download's data).
-Message = bytes | memoryview
+#: An encoded frame: bytes, or (a download's data) the pieces that make one up, in
+#: order, sent as one WebSocket message without being joined.
+Message = bytes | tuple[bytes | memoryview, ...]
 
 
 class OutboxClosed(Exception):

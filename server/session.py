@@ -28,7 +28,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from protocol import frames
-from protocol.codec import DATA_HEAD_ROOM, data_head, encode
+from protocol.codec import data_head, encode
 from protocol.connection import ServerConnection
 from protocol.errors import CloseCode, ErrorCode, ProtocolViolation, RequestError
 from protocol.frames import (
@@ -134,8 +134,8 @@ class Session:
         self._expiry_task: asyncio.Task[None] | None = None
 
     async def _send_bytes(self, message: Message) -> None:
-        # Not send_bytes (typed bytes): a download's data frame is a memoryview,
-        # which uvicorn hands to websockets, whose frame serializer copies it.
+        # Not send_bytes (typed bytes): a download's data frame is a tuple of
+        # pieces, which only our protocol (server/wsprotocol.py) takes as it is.
         await self.ws.send({"type": "websocket.send", "bytes": message})
 
     # ------------------------------------------------------------ lifecycle
@@ -723,18 +723,15 @@ class Session:
                 await stream.put(frames.data(frame.rid, off, b"", end=True))
                 return
             step = self.conn.limits.max_chunk
-            room = DATA_HEAD_ROOM
-            chunks = self.svc.store.read_with_room(part.store_key, off, None, step, room)
-            async for buf in chunks:
-                size = len(buf) - room
+            chunks = self.svc.store.read_pieces(part.store_key, off, None, step)
+            async for pieces in chunks:
+                size = sum(map(len, pieces))
                 off += size
                 if off > part.size:
                     raise StoreError(f"partition {part.id} is longer than recorded")
-                # The head goes into the spare room just before the data: no copy.
+                # The frame is its head and the pieces as read: never joined.
                 head = data_head(frame.rid, off - size, size, off == part.size)
-                start = room - len(head)
-                buf[start:room] = head
-                await stream.put_message(memoryview(buf)[start:])
+                await stream.put_message((head, *pieces))
                 self.svc.counters.download_bytes += size
             if off != part.size:
                 raise StoreError(f"partition {part.id} is shorter than recorded")

@@ -5,7 +5,9 @@ takes its value (another); uvicorn then joins the output list. For a download
 that is two copies of every byte on the event loop, on top of the store read
 and the socket send. A binary message of ``DIRECT_MIN`` bytes or more is sent
 here as its 2-10 byte frame head and the payload itself, in one ``writelines``
-(uvloop sends the pair with one ``writev``; no copy).
+(uvloop sends them with one ``writev``; no copy). The payload may come as a
+tuple of pieces (a download frame's head and the pieces its store read
+returned); smaller or unusual messages are joined and go through uvicorn.
 
 Only the plain case takes this path: an open connection, no extensions
 (permessage-deflate is off) and no fragmented message in progress. Anything
@@ -117,8 +119,13 @@ class WSProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: Any) -> None:
         data = message.get("bytes") if message["type"] == "websocket.send" else None
-        if data is None or len(data) < DIRECT_MIN:
+        if data is None:
             return await super().send(message)
+        # A tuple is one message in pieces (a download's frame: head, then data).
+        pieces = data if isinstance(data, tuple) else (data,)
+        size = sum(map(len, pieces))
+        if size < DIRECT_MIN:
+            return await super().send(_joined(message, pieces))
         await self.writable.wait()  # flow control, as uvicorn does
         if self.disconnected:
             raise ClientDisconnected()
@@ -131,6 +138,14 @@ class WSProtocol(WebSocketsSansIOProtocol):
             or conn.extensions
             or conn.expect_continuation_frame
         ):
-            return await super().send(message)  # uvicorn raises or sends as it would
+            # uvicorn raises or sends as it would
+            return await super().send(_joined(message, pieces))
         # Frames websockets queued meanwhile (a pong) go first, whole.
-        self.transport.writelines([*conn.data_to_send(), frame_head(len(data)), data])
+        self.transport.writelines([*conn.data_to_send(), frame_head(size), *pieces])
+
+
+def _joined(message: dict[str, Any], pieces: tuple[Any, ...]) -> dict[str, Any]:
+    """The message with its pieces as one bytes object, for uvicorn's own path."""
+    if len(pieces) == 1 and isinstance(pieces[0], bytes):
+        return message
+    return {**message, "bytes": b"".join(pieces)}

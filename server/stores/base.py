@@ -14,6 +14,9 @@ from typing import Protocol
 
 AREAS = ("staging", "partitions")
 
+#: Bytes as a store read them (a view when a network read spans two chunks).
+Piece = bytes | memoryview
+
 
 class StoreError(Exception):
     """The store could not do what was asked (unreachable, refused, corrupt)."""
@@ -65,11 +68,12 @@ class BlobStore(Protocol):
         """Stream bytes ``[offset, offset+length)``; raises BlobNotFound when missing."""
         ...
 
-    def read_with_room(
-        self, key: str, offset: int, length: int | None, chunk_size: int, room: int
-    ) -> AsyncIterator[bytearray]:
-        """``read``, but each chunk is a bytearray whose first ``room`` bytes are
-        spare: a frame head goes there without copying the chunk once more."""
+    def read_pieces(
+        self, key: str, offset: int, length: int | None, chunk_size: int
+    ) -> AsyncIterator[list[Piece]]:
+        """``read``, but each chunk is the list of pieces it arrived in (whole
+        chunks of ``chunk_size`` but the last): a download frame is sent as its
+        head and these pieces, without joining them into one buffer."""
         ...
 
     async def delete(self, key: str) -> None:

@@ -19,14 +19,13 @@ import stat as stat_mode
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO, Generic, TypeVar
+from typing import BinaryIO
 
-from server.stores.base import AREAS, BlobInfo, BlobNotFound, StoreError
+from server.stores.base import AREAS, BlobInfo, BlobNotFound, Piece, StoreError
 
 _COPY_BUFFER = 1 << 20
 #: Bytes a read hands over per worker-thread hop (whole chunks, at least one).
 READ_AHEAD = 2 << 20
-T = TypeVar("T", bytes, bytearray)
 _MKDIR_ATTEMPTS = 8  # a concurrent delete may prune the directory we just made
 
 #: Temp names of ``_write_small``: unique per process by the counter, across
@@ -197,11 +196,7 @@ def _link_atomic(src: Path, dest: Path) -> None:
     raise StoreError(f"could not create a link in {dest.parent}")
 
 
-def _read_bytes(f: BinaryIO, want: int) -> bytes:
-    return f.read(want)  # buffered: whole unless the file ends
-
-
-class _Reader(Generic[T]):
+class _Reader:
     """A file read in chunks, a few per call; closed by the call that meets its end."""
 
     def __init__(
@@ -210,27 +205,27 @@ class _Reader(Generic[T]):
         offset: int,
         length: int | None,
         chunk_size: int,
-        room: int,
-        fill: Callable[[BinaryIO, int], T],
     ) -> None:
         self.path, self.offset, self.remaining = path, offset, length
-        self.chunk_size, self.room, self.fill = chunk_size, room, fill
+        self.chunk_size = chunk_size
         self.per_call = max(1, READ_AHEAD // chunk_size)
         self.file: BinaryIO | None = None
         self.done = False
 
-    def next_chunks(self) -> list[T]:
+    def next_chunks(self) -> list[bytes]:
         if self.file is None:
             self.file = open(self.path, "rb")  # noqa: SIM115 - closed below
             if self.offset:
                 self.file.seek(self.offset)
-        chunks: list[T] = []
+        chunks: list[bytes] = []
         while len(chunks) < self.per_call and not self.done:
             want = self.chunk_size
             if self.remaining is not None:
                 want = min(want, self.remaining)
-            chunk = self.fill(self.file, want) if want > 0 else None
-            got = 0 if chunk is None else len(chunk) - self.room
+            # Buffered: whole unless the file ends, and read straight into the
+            # bytes object (nothing zeroed first or copied after).
+            chunk = self.file.read(want) if want > 0 else None
+            got = 0 if chunk is None else len(chunk)
             if chunk is not None and got > 0:
                 chunks.append(chunk)
                 if self.remaining is not None:
@@ -489,20 +484,13 @@ class LocalStore:
     def read(
         self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
     ) -> AsyncIterator[bytes]:
-        return self._read(key, offset, length, chunk_size, _read_bytes)
+        return self._read(key, offset, length, chunk_size)
 
-    def read_with_room(
-        self, key: str, offset: int, length: int | None, chunk_size: int, room: int
-    ) -> AsyncIterator[bytearray]:
-        def fill(f: BinaryIO, want: int) -> bytearray:
-            buf = bytearray(room + want)
-            with memoryview(buf) as view:
-                got = f.readinto(view[room:])  # buffered: whole unless the file ends
-            if got < want:
-                del buf[room + got :]
-            return buf
-
-        return self._read(key, offset, length, chunk_size, fill, room)
+    async def read_pieces(
+        self, key: str, offset: int, length: int | None, chunk_size: int
+    ) -> AsyncIterator[list[Piece]]:
+        async for chunk in self._read(key, offset, length, chunk_size):
+            yield [chunk]
 
     async def _read(
         self,
@@ -510,14 +498,12 @@ class LocalStore:
         offset: int,
         length: int | None,
         chunk_size: int,
-        fill: Callable[[BinaryIO, int], T],
-        room: int = 0,
-    ) -> AsyncIterator[T]:
-        """Chunks of the file, read by ``fill`` in a worker thread, READ_AHEAD bytes'
+    ) -> AsyncIterator[bytes]:
+        """Chunks of the file, read in a worker thread, READ_AHEAD bytes'
         worth a hop (opening and closing ride along): a download of cached files
         spent more on thread hand-offs than on the reads."""
         check_range(offset, length, chunk_size)
-        reader = _Reader(self._path(key), offset, length, chunk_size, room, fill)
+        reader = _Reader(self._path(key), offset, length, chunk_size)
         try:
             while True:
                 try:

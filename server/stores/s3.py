@@ -23,7 +23,7 @@ from miniopy_async.commonconfig import CopySource
 from miniopy_async.deleteobjects import DeleteObject
 from miniopy_async.error import MinioException, S3Error
 
-from server.stores.base import BlobInfo, BlobNotFound, StoreError
+from server.stores.base import BlobInfo, BlobNotFound, Piece, StoreError
 from server.stores.local import area_prefixes, check_key, check_prefix, check_range
 
 #: Upload part size. Partitions are at most 16 MiB, so they go up in one PUT, and a
@@ -216,12 +216,12 @@ class S3Store:
     async def read(
         self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = 1 << 20
     ) -> AsyncIterator[bytes]:
-        async for chunk in self.read_with_room(key, offset, length, chunk_size, 0):
-            yield bytes(chunk)
+        async for pieces in self.read_pieces(key, offset, length, chunk_size):
+            yield b"".join(pieces)
 
-    async def read_with_room(
-        self, key: str, offset: int, length: int | None, chunk_size: int, room: int
-    ) -> AsyncIterator[bytearray]:
+    async def read_pieces(
+        self, key: str, offset: int, length: int | None, chunk_size: int
+    ) -> AsyncIterator[list[Piece]]:
         bucket, name = self._locate(key)
         check_range(offset, length, chunk_size)
         if length == 0:
@@ -243,26 +243,28 @@ class S3Store:
             if ranged and resp.status != 206:
                 raise StoreError(f"{self.endpoint} ignored the byte range for {key}")
             with _translate(key):
-                # Whole pieces of chunk_size (the network hands out smaller ones):
-                # a download becomes few large frames rather than many small ones.
-                # Each network piece is copied once, into the chunk it belongs to,
-                # which is allocated whole: growing it piece by piece (+=) made
-                # realloc copy it again and again, 4x the bytes downloaded.
-                full = room + chunk_size
-                buf, filled = bytearray(full), room
+                # Whole chunks of chunk_size (the network hands out smaller pieces),
+                # so a download is few large frames rather than many small ones. The
+                # pieces are not joined: joining copied every byte once more, into a
+                # buffer zeroed first.
+                pieces: list[Piece] = []
+                filled = 0
                 async for piece in resp.content.iter_any():
+                    if filled + len(piece) < chunk_size:
+                        pieces.append(piece)
+                        filled += len(piece)
+                        continue
                     view = memoryview(piece)
-                    while view:
-                        n = min(len(view), full - filled)
-                        buf[filled : filled + n] = view[:n]
-                        filled += n
-                        view = view[n:]
-                        if filled == full:
-                            yield buf
-                            buf, filled = bytearray(full), room
-                if filled > room:
-                    del buf[filled:]  # shrinks in place
-                    yield buf
+                    while filled + len(view) >= chunk_size:
+                        cut = chunk_size - filled
+                        pieces.append(view[:cut])
+                        yield pieces
+                        pieces, filled, view = [], 0, view[cut:]
+                    if view:
+                        pieces.append(view)
+                        filled = len(view)
+                if pieces:
+                    yield pieces
         finally:
             # release() reuses the connection when the body was drained, closes it if not.
             resp.release()
