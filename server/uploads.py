@@ -780,6 +780,8 @@ class Uploads:
         fail: _Fail,
     ) -> tuple[CommitResult, bool]:
         """Write the commit; the flag is False when another commit had already won."""
+        if up["object_id"] is None:
+            return await self._commit_new(up, parts, ids, copies, device, fail)
         user = up["user_id"]
         size = sum(p["size"] for p in parts)
         async with self.pool.acquire() as conn, _transaction(conn):
@@ -887,6 +889,45 @@ class Uploads:
                 raise fail(ErrorCode.QUOTA_EXCEEDED, "the object no longer fits the quota")
         return CommitResult(obj, rev, seq), True
 
+    async def _commit_new(
+        self,
+        up: asyncpg.Record,
+        parts: list[dict[str, Any]],
+        ids: list[int],
+        copies: list[str],
+        device: str | None,
+        fail: _Fail,
+    ) -> tuple[CommitResult, bool]:
+        """``_commit_metadata`` for a new object: one statement (a function), where
+        the transaction below takes seven round trips."""
+        async with self.pool.acquire() as conn, _dropped_on_failure(conn):
+            row = await conn.fetchrow(
+                _COMMIT_NEW,
+                up["id"],
+                up["user_id"],
+                up["kind"],
+                sum(p["size"] for p in parts),
+                up["enc_name"],
+                up["enc_mtime"],
+                up["enc_key"],
+                up["salt"],
+                device,
+                ids,
+                [p["idx"] for p in parts],
+                copies,
+                [p["size"] for p in parts],
+                [p["sha256"] for p in parts],
+                [p["salt"] for p in parts],
+                [p["enc_key"] for p in parts],
+                float(self.settings.upload_ttl),
+            )
+        outcome = row["outcome"]
+        if outcome == "aborted":
+            raise fail(ErrorCode.NOT_FOUND, "upload was aborted")
+        if outcome == "quota":
+            raise fail(ErrorCode.QUOTA_EXCEEDED, "the object no longer fits the quota")
+        return CommitResult(row["object_id"], row["rev"], row["seq"]), outcome == "committed"
+
     def _cleanup(self, store_keys: list[str]) -> asyncio.Task[None] | None:
         """Delete in the background: a reply must not wait on a store that stalls.
         Whatever this does not delete, the janitor does."""
@@ -946,6 +987,12 @@ SELECT pid, object_id, change_seq
 FROM tessera_put_batch($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[],
                        $6::bytea[], $7::bytea[], $8::bigint[], $9::text[], $10::text[],
                        $11::bytea[], $12::bytea[], $13::bytea[], $14::double precision)"""
+
+_COMMIT_NEW = """
+SELECT outcome, object_id, rev, seq
+FROM tessera_commit_new($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::bigint[], $11::int[],
+                        $12::text[], $13::int[], $14::bytea[], $15::bytea[], $16::bytea[],
+                        $17::double precision)"""
 
 #: A commit's first read, in one round trip: the upload, its parts (as arrays), the
 #: object's current rev, and (if still open) the ids its partitions will get.
@@ -1022,6 +1069,19 @@ async def _unlock(conn: asyncpg.Connection, upload_id: str) -> None:
             conn.terminate()
         if isinstance(exc, asyncio.CancelledError):
             raise
+
+
+@contextlib.asynccontextmanager
+async def _dropped_on_failure(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A statement that fails (or stalls past command_timeout) drops its connection:
+    releasing it would wait on the cancellation of a statement a stalled server
+    may never answer, a second timeout before the reply."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        raise
 
 
 @contextlib.asynccontextmanager

@@ -191,3 +191,43 @@ async def test_a_session_dropped_mid_upload_leaves_no_spool_file(make_server):
     done = await client.request({"t": "commit", "upload": upload})
     assert done["t"] == "committed", done
     await client.close()
+
+
+async def test_a_new_object_that_no_longer_fits_at_commit_writes_nothing(server, db):
+    """The quota is checked again at commit (here an operator lowered it after the
+    declaration): refused with nothing written, the upload stays open, and the
+    same commit goes through once it fits. Then tessera_commit_new itself, on an
+    upload already committed and on one that does not exist."""
+    name = unique("fits")
+    tokens = await register_login(server.http, name)
+    client = await SyncClient.connect(server.ws, tokens["access"])
+    uid = await db.fetchval("SELECT id FROM users WHERE username = $1", name)
+    parts = [os.urandom(3000), os.urandom(5000)]
+    ok = await client.start_upload(parts)
+    assert ok["t"] == "upload_ok", ok
+    await client.send_parts(ok["upload"], parts)
+    quota = await db.fetchval("UPDATE users SET quota = 7999 WHERE id = $1 RETURNING 8000", uid)
+    refused = await client.request({"t": "commit", "upload": ok["upload"]})
+    assert refused["t"] == "error" and refused["code"] == "quota_exceeded", refused
+    assert await db.fetchval("SELECT count(*) FROM objects WHERE owner_id = $1", uid) == 0
+    assert await db.fetchval("SELECT used FROM users WHERE id = $1", uid) == 0
+    again = await client.request({"t": "resume", "upload": ok["upload"]})
+    assert again["t"] == "upload_ok" and sorted(again["have"]) == [0, 1], again
+
+    await db.execute("UPDATE users SET quota = $2 WHERE id = $1", uid, quota)
+    done = await client.request({"t": "commit", "upload": ok["upload"]})
+    assert done["t"] == "committed", done
+    change = await client.wait_for(lambda f: f["t"] == "change" and f["seq"] == done["seq"])
+    assert [await client.download(p["id"]) for p in change["parts"]] == parts
+    assert await db.fetchval("SELECT used FROM users WHERE id = $1", uid) == 8000
+
+    def call(upload: str) -> str:
+        return f"""SELECT * FROM tessera_commit_new('{upload}', {uid}, 'file', 1, '', '', '', '',
+                   NULL, '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', 60)"""
+
+    won = await db.fetchrow(call(ok["upload"]))
+    assert tuple(won) == ("won", done["object"], 1, done["seq"])
+    assert tuple(await db.fetchrow(call("no-such-upload"))) == ("aborted", None, None, None)
+    assert await db.fetchval("SELECT count(*) FROM objects WHERE owner_id = $1", uid) == 1
+    assert await db.fetchval("SELECT used FROM users WHERE id = $1", uid) == 8000
+    await client.close()

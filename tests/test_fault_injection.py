@@ -54,9 +54,15 @@ LIMITS: dict[str, Any] = {
 }
 #: Seconds a commit may take to answer while the store or database is down.
 ANSWER_BOUND = 70.0
-#: The statement that writes a commit's partition rows (inside its transaction); as
-#: text on the wire only the first time a connection runs it (then it is prepared).
-COPY_PARTITIONS = b"INSERT INTO partitions"
+
+
+def commit_statement(uid: int) -> bytes:
+    """Bytes only the commit's statement of a new object of user ``uid`` sends: its
+    partitions' store keys, bound as parameters of ``tessera_commit_new`` (whose
+    text goes on the wire once per connection; after that, only its name)."""
+    return f"partitions/{uid}/".encode()
+
+
 #: Writes per device in the randomized history (four devices, two users).
 OPS_PER_WORKER = int(os.environ.get("TESSERA_FAULT_OPS", "12"))
 
@@ -434,8 +440,8 @@ async def test_store_stall_mid_commit_is_answered_in_bounded_time(
 @pytest.mark.parametrize(
     "moment",
     [
-        "before-insert",  # inside the commit's transaction: it must roll back
-        "after-commit",  # COMMIT sent, its answer lost: committed, but the server can't know
+        "statement-lost",  # the commit's statement never arrives: nothing is written
+        "answer-lost",  # the statement ran, its answer is lost: committed, the server can't know
         "at-unlock",  # all done, only the advisory lock's release fails
     ],
 )
@@ -446,12 +452,10 @@ async def test_database_cut_mid_commit(rig: Rig, proxied_server: Any, moment: st
     uid = await user_id(client)
     parts = chunks_of(random.Random(3), 5, 1000, 40 * KiB)
     upload = await staged(client, parts, b"interrupted")
-    # The first object insert on a fresh server: its SQL text is on the wire
-    # (asyncpg prepares a statement once per connection, then sends only its name).
-    if moment == "before-insert":
-        trigger = rig.pg.watch(b"INSERT INTO objects", "cut")
-    elif moment == "after-commit":
-        trigger = rig.pg.watch(b"COMMIT;", "cut_after", after=COPY_PARTITIONS)
+    if moment == "statement-lost":
+        trigger = rig.pg.watch(commit_statement(uid), "cut")
+    elif moment == "answer-lost":
+        trigger = rig.pg.watch(commit_statement(uid), "cut_after")
     else:
         trigger = rig.pg.watch(b"pg_advisory_unlock($1", "cut")
     reply, took = await timed_commit(client, upload, ANSWER_BOUND + 10)
@@ -534,7 +538,7 @@ async def test_database_stall_mid_commit_is_answered_in_bounded_time(
     uid = await user_id(client)
     parts = chunks_of(random.Random(5), 3, 1000, 20 * KiB)
     upload = await staged(client, parts)
-    trigger = rig.pg.watch(b"INSERT INTO objects", "stall")
+    trigger = rig.pg.watch(commit_statement(uid), "stall")
     reply, took = await timed_commit(client, upload, 10 * timeout + 60)
     scaled = took * 60.0 / timeout
     print(
@@ -572,7 +576,7 @@ async def test_database_stall_mid_commit_is_answered_in_bounded_time(
     "moment",
     [
         "after-copies",  # every copy is in the store, the transaction never completes
-        "commit-in-flight",  # the COMMIT is on the wire when the process dies
+        "commit-in-flight",  # the commit's statement is on the wire when the process dies
     ],
 )
 async def test_sigkill_between_copy_and_commit(rig: Rig, tmp_path: Path, moment: str) -> None:
@@ -603,11 +607,8 @@ async def test_sigkill_between_copy_and_commit(rig: Rig, tmp_path: Path, moment:
             # At the first CopyObject, hold the database: the copies finish, the
             # transaction cannot.
             rig.s3.watch(b"x-amz-copy-source", lambda: rig.pg.stall())
-        else:  # hold the COMMIT itself, undelivered
-            # Not ``after=COPY_PARTITIONS``: the commit above may have prepared that
-            # statement on the very connection this one gets, which then sends only
-            # its name. BEGIN is always text, and nothing else opens a transaction now.
-            commit = rig.pg.watch(b"COMMIT;", "stall", after=b"BEGIN;")
+        else:  # hold the commit's statement itself, undelivered
+            commit = rig.pg.watch(commit_statement(uid), "stall")
         await client.send({"t": "commit", "rid": 999, "upload": upload})
         deadline = time.monotonic() + 30
         while len(await rig.keys(f"partitions/{uid}/")) < len(held) + len(parts) or (
@@ -620,7 +621,7 @@ async def test_sigkill_between_copy_and_commit(rig: Rig, tmp_path: Path, moment:
         first.proc.wait()
         if moment == "after-copies":
             rig.pg.cut()  # the dead process's connections go with it
-        # commit-in-flight: the held COMMIT is delivered late, after the process died.
+        # commit-in-flight: the held statement is delivered late, after the process died.
         rig.heal()
         client.ws.transport.abort()
         copies = await rig.keys(f"partitions/{uid}/") - held
@@ -818,7 +819,12 @@ async def fault_schedule(rig: Rig, rng: random.Random, stop: asyncio.Event, log:
             proxy.refuse()
             proxy.cut()
         else:  # at the next COMMIT / CopyObject: the riskiest moment of a commit
-            pattern = b"COMMIT;" if proxy_name == "pg" else b"x-amz-copy-source"
+            # (a new object's commit is one statement, binding its partition keys)
+            pattern = (
+                rng.choice([b"COMMIT;", b"partitions/"])
+                if proxy_name == "pg"
+                else b"x-amz-copy-source"
+            )
             proxy.watch(pattern, "cut_after" if proxy_name == "pg" else "cut")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), window)
