@@ -280,26 +280,16 @@ class Uploads:
                 replaced = row["size"] if row["status"] == "active" else 0
                 payer = row["owner_id"]
             upload_id = upload_id or secrets.token_urlsafe(16)
-            async with conn.transaction():
-                # Serialise declarations per payer, so two concurrent uploads cannot
-                # both pass the checks below on the same free space.
-                await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", payer)
-                await self._check_limits(conn, user, payer, frame, replaced)
-                # One statement whatever the part count (COPY costs several round trips).
-                await conn.execute(
-                    """WITH up AS (
-                           INSERT INTO uploads (id, user_id, device_id, object_id, base_rev,
-                               kind, enc_name, enc_mtime, enc_key, salt, declared_parts, size,
-                               expires_at)
-                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                                   now() + make_interval(secs => $13))
-                           RETURNING id)
-                       INSERT INTO upload_parts (upload_id, idx, size, sha256, enc_key, salt)
-                       SELECT up.id, i - 1, size, sha, key, salt
-                       FROM up, unnest($14::int[], $15::bytea[], $16::bytea[], $17::bytea[])
-                                WITH ORDINALITY AS t(size, sha, key, salt, i)""",
+            # One statement: the payer's row locked (two concurrent uploads cannot
+            # both pass the checks on the same free space), the limits checked,
+            # the upload and its parts inserted. Nothing is written when refused.
+            verdict = await _to_its_end(
+                _fetchrow(
+                    conn,
+                    _DECLARE,
                     upload_id,
                     user,
+                    payer,
                     device,
                     frame.object,
                     frame.base,
@@ -308,14 +298,18 @@ class Uploads:
                     frame.meta.mtime,
                     frame.meta.key,
                     frame.meta.salt,
-                    len(frame.parts),
                     frame.size,
                     float(self.settings.upload_ttl),
                     [p.size for p in frame.parts],
                     [p.sha256 for p in frame.parts],
                     [p.key for p in frame.parts],
                     [p.salt for p in frame.parts],
+                    replaced,
+                    self.settings.max_open_uploads,
+                    self.settings.max_staged_bytes,
                 )
+            )
+            self._refuse_over_limits(verdict, frame)
         return UploadRecord(
             id=upload_id,
             user=user,
@@ -323,39 +317,28 @@ class Uploads:
             hashes=[p.sha256 for p in frame.parts],
         )
 
-    async def _check_limits(
-        self, conn: asyncpg.Connection, user: int, payer: int, frame: Upload, replaced: int
-    ) -> None:
-        """Caps on unfinished uploads, and the quota with their bytes reserved."""
-        account = await conn.fetchrow(
-            f"""SELECT mine.n, mine.bytes, u.quota, u.used, {_RESERVED} AS reserved
-               FROM users u,
-                    LATERAL (SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes
-                             FROM uploads
-                             WHERE user_id = $1 AND state = 'open' AND expires_at > now()) mine
-               WHERE u.id = $2""",
-            user,
-            payer,
-        )
-        if account["n"] >= self.settings.max_open_uploads:
+    def _refuse_over_limits(self, verdict: asyncpg.Record, frame: Upload) -> None:
+        """The declaration's refusal, if ``tessera_declare`` found a limit exceeded:
+        caps on unfinished uploads, and the quota with their bytes reserved."""
+        outcome = verdict["outcome"]
+        if outcome == "open_uploads":
             raise RequestError(
                 ErrorCode.RATE_LIMITED,
-                f"{account['n']} unfinished uploads: commit or abort some first",
+                f"{verdict['n']} unfinished uploads: commit or abort some first",
                 rid=frame.rid,
             )
-        if account["bytes"] + frame.size > self.settings.max_staged_bytes:
+        if outcome == "staged_bytes":
             raise RequestError(
                 ErrorCode.QUOTA_EXCEEDED,
                 "unfinished uploads would hold more than "
                 f"{self.settings.max_staged_bytes} bytes: commit or abort some first",
                 rid=frame.rid,
             )
-        need = account["used"] + account["reserved"] - replaced + frame.size
-        if need > account["quota"]:
+        if outcome == "quota":
             raise RequestError(
                 ErrorCode.QUOTA_EXCEEDED,
-                f"{frame.size} bytes do not fit: {account['used']} used and "
-                f"{account['reserved']} reserved by unfinished uploads of {account['quota']}",
+                f"{frame.size} bytes do not fit: {verdict['used']} used and "
+                f"{verdict['reserved']} reserved by unfinished uploads of {verdict['quota']}",
                 rid=frame.rid,
             )
 
@@ -900,26 +883,29 @@ class Uploads:
     ) -> tuple[CommitResult, bool]:
         """``_commit_metadata`` for a new object: one statement (a function), where
         the transaction below takes seven round trips."""
-        async with self.pool.acquire() as conn, _dropped_on_failure(conn):
-            row = await conn.fetchrow(
-                _COMMIT_NEW,
-                up["id"],
-                up["user_id"],
-                up["kind"],
-                sum(p["size"] for p in parts),
-                up["enc_name"],
-                up["enc_mtime"],
-                up["enc_key"],
-                up["salt"],
-                device,
-                ids,
-                [p["idx"] for p in parts],
-                copies,
-                [p["size"] for p in parts],
-                [p["sha256"] for p in parts],
-                [p["salt"] for p in parts],
-                [p["enc_key"] for p in parts],
-                float(self.settings.upload_ttl),
+        async with self.pool.acquire() as conn:
+            row = await _to_its_end(
+                _fetchrow(
+                    conn,
+                    _COMMIT_NEW,
+                    up["id"],
+                    up["user_id"],
+                    up["kind"],
+                    sum(p["size"] for p in parts),
+                    up["enc_name"],
+                    up["enc_mtime"],
+                    up["enc_key"],
+                    up["salt"],
+                    device,
+                    ids,
+                    [p["idx"] for p in parts],
+                    copies,
+                    [p["size"] for p in parts],
+                    [p["sha256"] for p in parts],
+                    [p["salt"] for p in parts],
+                    [p["enc_key"] for p in parts],
+                    float(self.settings.upload_ttl),
+                )
             )
         outcome = row["outcome"]
         if outcome == "aborted":
@@ -973,8 +959,6 @@ class Uploads:
 
 #: The bytes reserved against the quota of user ``u`` by unfinished uploads
 #: (``tessera_reserved``, migrations/0008_put_batch.sql, which puts use too).
-_RESERVED = "tessera_reserved(u.id)"
-
 #: New objects of one-part puts, several users' at once, in one round trip: the
 #: function (migrations/0008_put_batch.sql) locks the users rows in id order,
 #: then in a statement of its own (a snapshot taken after those locks, so the
@@ -987,6 +971,12 @@ SELECT pid, object_id, change_seq
 FROM tessera_put_batch($1::bigint[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[],
                        $6::bytea[], $7::bytea[], $8::bigint[], $9::text[], $10::text[],
                        $11::bytea[], $12::bytea[], $13::bytea[], $14::double precision)"""
+
+_DECLARE = """
+SELECT outcome, n, bytes, quota, used, reserved
+FROM tessera_declare($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                     $13::double precision, $14::int[], $15::bytea[], $16::bytea[],
+                     $17::bytea[], $18, $19, $20)"""
 
 _COMMIT_NEW = """
 SELECT outcome, object_id, rev, seq
@@ -1071,13 +1061,40 @@ async def _unlock(conn: asyncpg.Connection, upload_id: str) -> None:
             raise
 
 
+async def _fetchrow(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:
+    """One statement, on a connection dropped if it fails or stalls."""
+    async with _dropped_on_failure(conn):
+        return await conn.fetchrow(query, *args)
+
+
+async def _to_its_end(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` (one statement) to its end even if the caller is cancelled
+    meanwhile, then let the cancellation through. Once sent, a statement commits
+    or not whatever becomes of its caller, and a session that ends (cancelling
+    its requests) must leave every outcome settled, as a transaction cut off
+    before its COMMIT does."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():  # bounded: the statement has its command_timeout
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: nobody waits for the answer any more
+        raise
+
+
 @contextlib.asynccontextmanager
 async def _dropped_on_failure(conn: asyncpg.Connection) -> AsyncIterator[None]:
     """A statement that fails (or stalls past command_timeout) drops its connection:
     releasing it would wait on the cancellation of a statement a stalled server
-    may never answer, a second timeout before the reply."""
+    may never answer, a second timeout before the reply. An error PostgreSQL
+    answered with (a unique violation, say) leaves the connection as it was."""
     try:
         yield
+    except asyncpg.PostgresError:
+        raise
     except BaseException:
         with contextlib.suppress(Exception):
             conn.terminate()

@@ -7,6 +7,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from server.session import Session
 from tests.conftest import unique
 from tests.support.client import SyncClient, register_login
 
@@ -231,3 +232,54 @@ async def test_a_new_object_that_no_longer_fits_at_commit_writes_nothing(server,
     assert await db.fetchval("SELECT count(*) FROM objects WHERE owner_id = $1", uid) == 1
     assert await db.fetchval("SELECT used FROM users WHERE id = $1", uid) == 8000
     await client.close()
+
+
+async def test_a_commit_cut_off_by_its_sessions_end_is_settled_before_the_end(
+    make_server, db, monkeypatch
+):
+    """A new object's commit is one statement: once PostgreSQL runs it, it commits
+    whatever becomes of the session. So a session that ends (here the client
+    vanished) waits for the statement's outcome, as for a put, and never leaves
+    a commit landing after it is gone. Here the statement waits on a row lock
+    the test holds, while the client's socket is cut."""
+    ended: set[str] = set()
+    original = Session.run
+
+    async def run(self: Session) -> None:
+        try:
+            await original(self)
+        finally:
+            ended.add(self.device)
+
+    monkeypatch.setattr(Session, "run", run)
+    server = make_server()
+    name = unique("cutoff")
+    tokens = await register_login(server.http, name)
+    client = await SyncClient.connect(server.ws, tokens["access"], device=name)
+    uid = await db.fetchval("SELECT id FROM users WHERE username = $1", name)
+    parts = [os.urandom(2000)]
+    ok = await client.start_upload(parts)
+    await client.send_parts(ok["upload"], parts)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", uid)
+        await client.send({"t": "commit", "rid": 99, "upload": ok["upload"]})
+        for _ in range(200):
+            await db.execute("SELECT pg_stat_clear_snapshot()")  # cached per transaction
+            waiting = await db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%tessera_commit_new%'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting, "the commit's statement never waited on the lock"
+        client.ws.transport.abort()
+        await asyncio.sleep(1.0)
+        assert name not in ended, "the session ended while its commit statement ran on"
+    for _ in range(200):
+        if name in ended:
+            break
+        await asyncio.sleep(0.05)
+    assert name in ended
+    state = await db.fetchval("SELECT state FROM uploads WHERE id = $1", ok["upload"])
+    assert state == "committed"
