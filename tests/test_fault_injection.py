@@ -420,7 +420,7 @@ async def test_store_stall_mid_commit_is_answered_in_bounded_time(
     problems: list[str] = []
     if (reply["t"], reply.get("code"), reply.get("retry")) != ("error", "unavailable", True):
         problems.append(f"a stalled store answered {reply}, not unavailable/retry=true")
-    if took > read_timeout * 1.5 + 2:
+    if took > read_timeout * 1.5 + 0.5:  # two timeouts (6 s at 3 s) must fail
         problems.append(
             f"a stalled store held the commit for {took:.1f}s = {took / read_timeout:.1f} x "
             f"READ_TIMEOUT: at the real 60 s that is ~{scaled:.0f} s, over the "
@@ -549,7 +549,7 @@ async def test_database_stall_mid_commit_is_answered_in_bounded_time(
     problems: list[str] = []
     if (reply["t"], reply.get("code"), reply.get("retry")) != ("error", "unavailable", True):
         problems.append(f"a stalled database answered {reply}, not unavailable/retry=true")
-    if took > timeout * 1.5 + 2:
+    if took > timeout * 1.5 + 0.5:  # two timeouts (6 s at 3 s) must fail
         problems.append(
             f"a stalled database held the commit for {took:.1f}s = {took / timeout:.1f} x "
             f"command_timeout: at the real 60 s that is ~{scaled:.0f} s, over the "
