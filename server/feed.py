@@ -11,23 +11,15 @@ from __future__ import annotations
 import asyncpg
 
 
-async def record_change(
-    conn: asyncpg.Connection, object_id: int, actor: int, status: str, *, new: bool = False
-) -> int:
-    """Give every user who sees ``object_id`` a new seq; return the actor's seq.
-
-    ``new`` inserts the actor's owner row for an object created in this transaction.
-    """
-    if new:  # created in this transaction: nobody else can see it yet
-        users = [actor]
-    else:
-        users = [
-            r["user_id"]
-            for r in await conn.fetch(
-                "SELECT user_id FROM access_list WHERE object_id = $1 ORDER BY user_id",
-                object_id,
-            )
-        ]
+async def record_change(conn: asyncpg.Connection, object_id: int, actor: int, status: str) -> int:
+    """Give every user who sees ``object_id`` a new seq; return the actor's seq."""
+    users = [
+        r["user_id"]
+        for r in await conn.fetch(
+            "SELECT user_id FROM access_list WHERE object_id = $1 ORDER BY user_id",
+            object_id,
+        )
+    ]
     actor_seq = 0
     for user in users:
         seq = await conn.fetchval(

@@ -283,31 +283,29 @@ class Uploads:
             # One statement: the payer's row locked (two concurrent uploads cannot
             # both pass the checks on the same free space), the limits checked,
             # the upload and its parts inserted. Nothing is written when refused.
-            verdict = await _to_its_end(
-                _fetchrow(
-                    conn,
-                    _DECLARE,
-                    upload_id,
-                    user,
-                    payer,
-                    device,
-                    frame.object,
-                    frame.base,
-                    frame.kind,
-                    frame.meta.name,
-                    frame.meta.mtime,
-                    frame.meta.key,
-                    frame.meta.salt,
-                    frame.size,
-                    float(self.settings.upload_ttl),
-                    [p.size for p in frame.parts],
-                    [p.sha256 for p in frame.parts],
-                    [p.key for p in frame.parts],
-                    [p.salt for p in frame.parts],
-                    replaced,
-                    self.settings.max_open_uploads,
-                    self.settings.max_staged_bytes,
-                )
+            verdict = await _statement(
+                conn,
+                _DECLARE,
+                upload_id,
+                user,
+                payer,
+                device,
+                frame.object,
+                frame.base,
+                frame.kind,
+                frame.meta.name,
+                frame.meta.mtime,
+                frame.meta.key,
+                frame.meta.salt,
+                frame.size,
+                float(self.settings.upload_ttl),
+                [p.size for p in frame.parts],
+                [p.sha256 for p in frame.parts],
+                [p.key for p in frame.parts],
+                [p.salt for p in frame.parts],
+                replaced,
+                self.settings.max_open_uploads,
+                self.settings.max_staged_bytes,
             )
             self._refuse_over_limits(verdict, frame)
         return UploadRecord(
@@ -677,7 +675,8 @@ class Uploads:
         copies = [keys.partition_key(user, pid) for pid in ids]
         await self._copy_all(user, upload_id, parts, copies, fail)
         try:
-            result, ours = await self._commit_metadata(up, parts, ids, copies, device, fail)
+            write = self._commit_new if up["object_id"] is None else self._commit_revision
+            result, ours = await write(up, parts, ids, copies, device, fail)
         except RequestError:
             # We refused inside the transaction, so it rolled back for certain.
             self._cleanup(copies)
@@ -753,7 +752,7 @@ class Uploads:
                 missing=sorted(lost),
             )
 
-    async def _commit_metadata(
+    async def _commit_revision(
         self,
         up: asyncpg.Record,
         parts: list[dict[str, Any]],
@@ -762,9 +761,8 @@ class Uploads:
         device: str | None,
         fail: _Fail,
     ) -> tuple[CommitResult, bool]:
-        """Write the commit; the flag is False when another commit had already won."""
-        if up["object_id"] is None:
-            return await self._commit_new(up, parts, ids, copies, device, fail)
+        """Write the commit of a new revision; the flag is False when another commit
+        had already won."""
         user = up["user_id"]
         size = sum(p["size"] for p in parts)
         async with self.pool.acquire() as conn, _transaction(conn):
@@ -779,53 +777,35 @@ class Uploads:
                 won = CommitResult(state["result_object"], state["result_rev"], state["result_seq"])
                 return won, False
             head = ids[0] if ids else None
-            if up["object_id"] is None:
-                obj = await conn.fetchval(
-                    """INSERT INTO objects (owner_id, kind, rev, size, enc_name, enc_mtime,
-                           enc_key, salt, head_partition, origin)
-                       VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $9) RETURNING id""",
-                    user,
-                    up["kind"],
-                    size,
-                    up["enc_name"],
-                    up["enc_mtime"],
-                    up["enc_key"],
-                    up["salt"],
-                    head,
-                    device,
-                )
-                rev, delta, payer = 1, size, user
-            else:
-                obj = up["object_id"]
-                current = await conn.fetchrow(
-                    "SELECT rev, size, status, owner_id FROM objects WHERE id = $1 "
-                    "FOR NO KEY UPDATE",
-                    obj,
-                )
-                if current is None:
-                    raise fail(ErrorCode.NOT_FOUND, "the object no longer exists")
-                if current["rev"] != up["base_rev"]:
-                    raise fail(ErrorCode.CONFLICT, "base revision is stale", rev=current["rev"])
-                replaced = current["size"] if current["status"] == "active" else 0
-                delta = size - replaced
-                payer = current["owner_id"]
-                rev = current["rev"] + 1
-                await retire_partitions(conn, obj, self.settings.garbage_delay)
-                await conn.execute(
-                    """UPDATE objects SET rev = $2, size = $3, status = 'active', enc_name = $4,
-                           enc_mtime = $5, enc_key = $6, salt = $7, head_partition = $8,
-                           origin = $9, updated_at = now()
-                       WHERE id = $1""",
-                    obj,
-                    rev,
-                    size,
-                    up["enc_name"],
-                    up["enc_mtime"],
-                    up["enc_key"],
-                    up["salt"],
-                    head,
-                    device,
-                )
+            obj = up["object_id"]
+            current = await conn.fetchrow(
+                "SELECT rev, size, status, owner_id FROM objects WHERE id = $1 FOR NO KEY UPDATE",
+                obj,
+            )
+            if current is None:
+                raise fail(ErrorCode.NOT_FOUND, "the object no longer exists")
+            if current["rev"] != up["base_rev"]:
+                raise fail(ErrorCode.CONFLICT, "base revision is stale", rev=current["rev"])
+            replaced = current["size"] if current["status"] == "active" else 0
+            delta = size - replaced
+            payer = current["owner_id"]
+            rev = current["rev"] + 1
+            await retire_partitions(conn, obj, self.settings.garbage_delay)
+            await conn.execute(
+                """UPDATE objects SET rev = $2, size = $3, status = 'active', enc_name = $4,
+                       enc_mtime = $5, enc_key = $6, salt = $7, head_partition = $8,
+                       origin = $9, updated_at = now()
+                   WHERE id = $1""",
+                obj,
+                rev,
+                size,
+                up["enc_name"],
+                up["enc_mtime"],
+                up["enc_key"],
+                up["salt"],
+                head,
+                device,
+            )
             if parts:
                 await conn.execute(
                     """INSERT INTO partitions (id, object_id, rev, idx, store_key, size, sha256,
@@ -837,15 +817,12 @@ class Uploads:
                     obj,
                     rev,
                     ids,
-                    [p["idx"] for p in parts],
+                    up["idxs"],
                     copies,
-                    [p["size"] for p in parts],
-                    [p["sha256"] for p in parts],
-                    [p["salt"] for p in parts],
-                    [p["enc_key"] for p in parts],
+                    *_part_columns(up),
                     [*ids[1:], None],
                 )
-            seq = await record_change(conn, obj, user, "active", new=up["object_id"] is None)
+            seq = await record_change(conn, obj, user, "active")
             fits = await conn.fetchval(
                 """WITH fits AS (
                        UPDATE users SET used = used + $2::bigint
@@ -881,31 +858,26 @@ class Uploads:
         device: str | None,
         fail: _Fail,
     ) -> tuple[CommitResult, bool]:
-        """``_commit_metadata`` for a new object: one statement (a function), where
-        the transaction below takes seven round trips."""
+        """The commit of a new object: one statement (a function), where a revision's
+        transaction takes seven round trips."""
         async with self.pool.acquire() as conn:
-            row = await _to_its_end(
-                _fetchrow(
-                    conn,
-                    _COMMIT_NEW,
-                    up["id"],
-                    up["user_id"],
-                    up["kind"],
-                    sum(p["size"] for p in parts),
-                    up["enc_name"],
-                    up["enc_mtime"],
-                    up["enc_key"],
-                    up["salt"],
-                    device,
-                    ids,
-                    [p["idx"] for p in parts],
-                    copies,
-                    [p["size"] for p in parts],
-                    [p["sha256"] for p in parts],
-                    [p["salt"] for p in parts],
-                    [p["enc_key"] for p in parts],
-                    float(self.settings.upload_ttl),
-                )
+            row = await _statement(
+                conn,
+                _COMMIT_NEW,
+                up["id"],
+                up["user_id"],
+                up["kind"],
+                sum(p["size"] for p in parts),
+                up["enc_name"],
+                up["enc_mtime"],
+                up["enc_key"],
+                up["salt"],
+                device,
+                ids,
+                up["idxs"] or [],
+                copies,
+                *_part_columns(up),
+                float(self.settings.upload_ttl),
             )
         outcome = row["outcome"]
         if outcome == "aborted":
@@ -957,8 +929,6 @@ class Uploads:
             log.warning("could not delete %d store objects; the janitor will", len(store_keys))
 
 
-#: The bytes reserved against the quota of user ``u`` by unfinished uploads
-#: (``tessera_reserved``, migrations/0008_put_batch.sql, which puts use too).
 #: New objects of one-part puts, several users' at once, in one round trip: the
 #: function (migrations/0008_put_batch.sql) locks the users rows in id order,
 #: then in a statement of its own (a snapshot taken after those locks, so the
@@ -1061,19 +1031,29 @@ async def _unlock(conn: asyncpg.Connection, upload_id: str) -> None:
             raise
 
 
-async def _fetchrow(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:
-    """One statement, on a connection dropped if it fails or stalls."""
-    async with _dropped_on_failure(conn):
-        return await conn.fetchrow(query, *args)
+async def _statement(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:
+    """One statement's row, run to its end even if the caller is cancelled meanwhile
+    (the cancellation goes through after): once sent, a statement commits or not
+    whatever becomes of its caller, and a session that ends (cancelling its
+    requests) must leave every outcome settled, as a transaction cut off before
+    its COMMIT does.
 
+    A statement that fails or stalls past command_timeout drops its connection:
+    releasing it would wait on the cancellation of a statement a stalled server
+    may never answer, a second timeout before the reply. An error PostgreSQL
+    answered with (a unique violation, say) leaves the connection as it was."""
 
-async def _to_its_end(work: Coroutine[Any, Any, T]) -> T:
-    """Await ``work`` (one statement) to its end even if the caller is cancelled
-    meanwhile, then let the cancellation through. Once sent, a statement commits
-    or not whatever becomes of its caller, and a session that ends (cancelling
-    its requests) must leave every outcome settled, as a transaction cut off
-    before its COMMIT does."""
-    task = asyncio.ensure_future(work)
+    async def run() -> asyncpg.Record:
+        try:
+            return await conn.fetchrow(query, *args)
+        except asyncpg.PostgresError:
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.terminate()
+            raise
+
+    task = asyncio.ensure_future(run())
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -1085,20 +1065,10 @@ async def _to_its_end(work: Coroutine[Any, Any, T]) -> T:
         raise
 
 
-@contextlib.asynccontextmanager
-async def _dropped_on_failure(conn: asyncpg.Connection) -> AsyncIterator[None]:
-    """A statement that fails (or stalls past command_timeout) drops its connection:
-    releasing it would wait on the cancellation of a statement a stalled server
-    may never answer, a second timeout before the reply. An error PostgreSQL
-    answered with (a unique violation, say) leaves the connection as it was."""
-    try:
-        yield
-    except asyncpg.PostgresError:
-        raise
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.terminate()
-        raise
+def _part_columns(up: asyncpg.Record) -> list[list[Any]]:
+    """Size, sha256, salt and key of every part, in index order: the arrays a
+    ``_COMMIT_READ`` row carries (none when the object has no parts)."""
+    return [up[column] or [] for column in ("sizes", "hashes", "salts", "keys")]
 
 
 @contextlib.asynccontextmanager
