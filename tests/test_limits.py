@@ -16,6 +16,7 @@ from miniopy_async.signer import presign_v4
 
 from tests.conftest import unique
 from tests.support.client import SyncClient, register_login
+from tests.test_feed_concurrency import share
 
 PASSWORD = "correct horse battery"
 
@@ -157,6 +158,33 @@ async def test_quota_reserves_unfinished_uploads_and_is_rechecked_at_commit(make
     assert done["t"] == "committed"
     assert await db.fetchval("SELECT used FROM users WHERE id = $1", user) == 600
     await client.close()
+
+
+async def test_an_editors_unfinished_upload_reserves_the_owners_quota(make_server, db):
+    """The owner pays for a shared object, so an editor's upload to it holds the
+    owner's free space, not the editor's, until it is committed or aborted."""
+    server = make_server(default_quota=1000)
+    owner = await SyncClient.connect(
+        server.ws, (await register_login(server.http, unique("own")))["access"]
+    )
+    editor = await SyncClient.connect(
+        server.ws, (await register_login(server.http, unique("ed")))["access"]
+    )
+    obj = (await owner.push([os.urandom(100)]))["object"]
+    await share(db, obj, editor.welcome["user"])
+    revision = await editor.start_upload([os.urandom(600)], obj=obj, base=1)
+    assert revision["t"] == "upload_ok", revision
+    # 100 used + 600 reserved (the revision replaces the 100 once committed).
+    squeezed = await owner.start_upload([os.urandom(500)])
+    assert squeezed["t"] == "error" and squeezed["code"] == "quota_exceeded", squeezed
+    own = await editor.start_upload([os.urandom(900)])  # the editor's quota is untouched
+    assert own["t"] == "upload_ok", own
+    aborted = await editor.request({"t": "abort", "upload": revision["upload"]})
+    assert aborted["t"] == "ok", aborted
+    fits = await owner.start_upload([os.urandom(500)])
+    assert fits["t"] == "upload_ok", fits
+    await owner.close()
+    await editor.close()
 
 
 async def test_concurrent_uploads_cannot_share_the_same_free_space(make_server):

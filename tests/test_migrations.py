@@ -189,6 +189,46 @@ async def test_broken_migration_on_empty_database_rolls_back_everything(fresh, t
 # ----------------------------------------------------------------- discover
 
 
+async def test_upload_payers_are_filled_in_for_uploads_made_before_0011(fresh, tmp_path):
+    """0011 stores whose quota an upload reserves; rows already there get theirs."""
+    before = tmp_path / "before"
+    before.mkdir()
+    for _, name, path in discover(INITIAL.parent):
+        if name < "0011":
+            shutil.copy(path, before / path.name)
+    await migrate(fresh, before)
+    user = "INSERT INTO users (username, password_hash, quota) VALUES ($1, 'h', 1000) RETURNING id"
+    owner = await fresh.fetchval(user, "owner")
+    editor = await fresh.fetchval(user, "editor")
+    obj = await fresh.fetchval(
+        "INSERT INTO objects (owner_id, kind, rev, size, enc_name, enc_mtime, enc_key, salt) "
+        "VALUES ($1, 'file', 1, 10, '', '', '', '') RETURNING id",
+        owner,
+    )
+    insert = (
+        "INSERT INTO uploads (id, user_id, object_id, kind, enc_name, enc_mtime, enc_key, "
+        "salt, declared_parts, size, expires_at) "
+        "VALUES ($1, $2, $3, 'file', '', '', '', '', 1, $4, now() + interval '1 hour')"
+    )
+    await fresh.execute(insert, "new-by-editor", editor, None, 100)
+    await fresh.execute(insert, "revision-by-editor", editor, obj, 30)
+    await fresh.execute(insert, "revision-by-owner", owner, obj, 5)
+    assert "0011_upload_payer" in await migrate(fresh)
+    payers = dict(await fresh.fetch("SELECT id, payer_id FROM uploads"))
+    assert payers == {
+        "new-by-editor": editor,
+        "revision-by-editor": owner,
+        "revision-by-owner": owner,
+    }
+    assert await fresh.fetchval("SELECT tessera_reserved($1)", owner) == 35
+    assert await fresh.fetchval("SELECT tessera_reserved($1)", editor) == 100
+    # Rows inserted afterwards get theirs from the trigger.
+    await fresh.execute(insert, "later", editor, obj, 7)
+    await fresh.execute("UPDATE uploads SET state = 'committed' WHERE id = 'revision-by-owner'")
+    assert await fresh.fetchval("SELECT payer_id FROM uploads WHERE id = 'later'") == owner
+    assert await fresh.fetchval("SELECT tessera_reserved($1)", owner) == 37
+
+
 def test_discover_orders_and_filters(tmp_path):
     directory = write_migrations(
         tmp_path,
