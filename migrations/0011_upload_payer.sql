@@ -10,12 +10,17 @@ SET payer_id = coalesce((SELECT o.owner_id FROM objects o WHERE o.id = p.object_
 ALTER TABLE uploads ALTER COLUMN payer_id SET NOT NULL;
 
 -- Derived on insert, by one rule for every writer (the declaration, the put
--- batch): a caller cannot name a payer of its own choosing.
+-- batch): a caller cannot name a payer of its own choosing. A new object needs
+-- no lookup: with one for every row, the trigger added ~11 us to an insert,
+-- without it ~1 us (20,000-row inserts, new objects).
 CREATE FUNCTION tessera_upload_payer() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.payer_id := coalesce((SELECT o.owner_id FROM objects o WHERE o.id = NEW.object_id),
-                             NEW.user_id);
+    IF NEW.object_id IS NULL THEN
+        NEW.payer_id := NEW.user_id;
+    ELSE
+        NEW.payer_id := (SELECT o.owner_id FROM objects o WHERE o.id = NEW.object_id);
+    END IF;
     RETURN NEW;
 END
 $$;
