@@ -122,8 +122,12 @@ class WSProtocol(WebSocketsSansIOProtocol):
         if data is None:
             return await super().send(message)
         # A tuple is one message in pieces (a download's frame: head, then data).
-        pieces = data if isinstance(data, tuple) else (data,)
-        size = sum(map(len, pieces))
+        if isinstance(data, tuple):
+            pieces, size = data, sum(map(len, data))
+        elif isinstance(data, bytes) and len(data) < DIRECT_MIN:
+            return await super().send(message)  # every reply and change, as before
+        else:
+            pieces, size = (data,), len(data)
         if size < DIRECT_MIN:
             return await super().send(_joined(message, pieces))
         await self.writable.wait()  # flow control, as uvicorn does

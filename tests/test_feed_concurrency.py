@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import unique
 from tests.support.client import SyncClient, register_login
+from tests.support.db import share
 
 SEEDS = int(os.environ.get("TESSERA_FEED_SEEDS", "8"))
 
@@ -39,21 +40,6 @@ class DeviceLog:
         self.cursor = change["seq"]
         self.seqs.append(change["seq"])
         self.view[change["object"]] = (change["rev"], change["status"])
-
-
-async def share(db: asyncpg.Connection, obj: int, user: int) -> None:
-    """Grant ``user`` edit access the way a sharing API will: a feed row with a new seq."""
-    async with db.transaction():
-        seq = await db.fetchval(
-            "UPDATE users SET change_seq = change_seq + 1 WHERE id = $1 RETURNING change_seq", user
-        )
-        await db.execute(
-            "INSERT INTO access_list (user_id, object_id, role, status, seq) "
-            "VALUES ($1, $2, 'editor', 'active', $3)",
-            user,
-            obj,
-            seq,
-        )
 
 
 async def writer(

@@ -16,7 +16,7 @@ from miniopy_async.signer import presign_v4
 
 from tests.conftest import unique
 from tests.support.client import SyncClient, register_login
-from tests.test_feed_concurrency import share
+from tests.support.db import share
 
 PASSWORD = "correct horse battery"
 
