@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 def staging_prefix(user: int, upload: str) -> str:
-    return f"staging/{user}/{upload}/"
+    """The keys of an upload's staged parts: ``staging/<user>/<upload>.<index>``.
+
+    Flat, not a folder per upload (DESIGN.md's ``staging/<user>/<upload>/<index>``):
+    on a local store a folder per upload is an inode made and freed per upload,
+    and ext4 without a journal skips the inodes freed in the last minute when it
+    allocates one, so every file created cost more as commits went faster. Upload
+    ids are ``[A-Za-z0-9_-]``, so the dot ends the id and prefixes cannot overlap.
+    """
+    return f"staging/{user}/{upload}."
 
 
 def staging_key(user: int, upload: str, index: int) -> str:
@@ -18,10 +26,13 @@ def partition_key(user: int, partition: int) -> str:
 def parse_staging_key(key: str) -> tuple[int, str, int] | None:
     """(user, upload, index) of a staging key, or None for anything else."""
     parts = key.split("/")
-    if len(parts) != 4 or parts[0] != "staging":
+    if len(parts) != 3 or parts[0] != "staging":
+        return None
+    upload, dot, index = parts[2].rpartition(".")
+    if not dot or not upload:
         return None
     try:
-        return int(parts[1]), parts[2], int(parts[3])
+        return int(parts[1]), upload, int(index)
     except ValueError:
         return None
 

@@ -2,7 +2,7 @@
 
 The path of a byte: chunk -> spool file on local disk (hashed as it is
 written, in a thread) -> when the part is complete and its sha256 matches,
-one PUT to ``staging/<user>/<upload>/<index>`` -> at commit, a server-side copy
+one PUT to ``staging/<user>/<upload>.<index>`` -> at commit, a server-side copy
 to ``partitions/<user>/<partition id>`` -> metadata in one transaction ->
 staging copies deleted. A crash after the copy and before the transaction
 leaves only unreferenced partition objects, which the janitor removes.

@@ -26,6 +26,7 @@ import httpx
 
 from client.sdk import Tessera
 from client.state import State
+from server.keys import staging_prefix
 from tests.conftest import unique
 from tests.support.s3 import free_port
 
@@ -464,7 +465,7 @@ async def test_killed_upload_resumes_without_resending_parts(make_server, db, tm
 
     Evidence that received parts are not sent again: the test wraps the server's
     blob store (it runs in this process) and records every staging write. The
-    server writes a part to ``staging/<user>/<upload>/<index>`` exactly once per
+    server writes a part to ``staging/<user>/<upload>.<index>`` exactly once per
     complete, verified arrival of that part, so the rerun's staging writes are
     exactly the parts it sent. Staging writes are slowed down during the first
     run only, so the kill reliably lands mid-upload. The set of parts the server
@@ -495,7 +496,7 @@ async def test_killed_upload_resumes_without_resending_parts(make_server, db, tm
     assert f"resuming upload {upload}: {len(before)} of {count} parts already on the server" in (
         rerun.stderr
     )
-    prefix = f"staging/{user}/{upload}/"
+    prefix = staging_prefix(user, upload)
     resent = [int(k.removeprefix(prefix)) for k in puts if k.startswith(prefix)]
     assert sorted(resent) == sorted(set(range(count)) - before)  # each missing part once
     assert not any(k.startswith(f"staging/{user}/") and not k.startswith(prefix) for k in puts)

@@ -127,7 +127,7 @@ async def test_push_sends_again_the_parts_a_server_lost_from_staging(server, tmp
     lost: list[str] = []
 
     async def copy_after_losing_one(src_key: str, dst_key: str) -> None:
-        if not lost and src_key.endswith("/2"):
+        if not lost and src_key.endswith(".2"):  # staging/<user>/<upload>.<index>
             await store.delete(src_key)  # as if the crash took it
             lost.append(src_key)
         await copy(src_key, dst_key)

@@ -32,6 +32,7 @@ import httpx
 import pytest
 import websockets
 
+from server import keys
 from server.janitor import Janitor, JanitorReport
 from server.settings import Settings
 from server.stores.s3 import S3Store
@@ -305,7 +306,10 @@ async def audit(
     if stored - referenced:
         problems.append(f"store objects without a row after the janitor: {stored - referenced}")
     staging = await rig.keys("staging/")
-    uploads = {k.split("/")[2] for k in staging}
+    parsed = {k: keys.parse_staging_key(k) for k in staging}
+    if strays := sorted(k for k, p in parsed.items() if p is None):
+        problems.append(f"staging objects that are no upload's part: {strays}")
+    uploads = {p[1] for p in parsed.values() if p is not None}
     open_ = {
         r["id"]
         for r in await rig.pool.fetch(

@@ -1733,7 +1733,7 @@ def test_regression_abort_cut_off_by_a_disconnect_leaves_staged_parts(
         assert row is None, "the abort did not happen (this test needs it to)"
 
         async def staged() -> list[str]:
-            return [i.key async for i in store.list(f"staging/{conn.user}/{upload}/")]
+            return [i.key async for i in store.list(keys.staging_prefix(conn.user, upload))]
 
         left = await asyncio.to_thread(server.call, staged)
         assert not left, f"an aborted upload's staged parts are left: {left}"
@@ -1797,7 +1797,7 @@ def test_regression_part_stored_while_its_upload_is_aborted_is_left_staged(
         await asyncio.sleep(0.5)  # the deletion runs in the background
 
         async def staged() -> list[str]:
-            return [i.key async for i in store.list(f"staging/{conn.user}/{upload}/")]
+            return [i.key async for i in store.list(keys.staging_prefix(conn.user, upload))]
 
         left = await asyncio.to_thread(server.call, staged)
         await conn.close()

@@ -326,7 +326,7 @@ async def test_put_file_wrong_size(store: BlobStore, tmp_path: Path, delta: int)
     assert await list_all(store, "") == {}
     if isinstance(store, LocalStore):
         assert local_files(store.root) == []
-        assert not (store.root / "staging" / "u1").exists()
+        assert not (store.root / "staging/u1/up1").exists()  # a user's directory may stay
     assert src.read_bytes() == data
 
 
@@ -336,7 +336,7 @@ async def test_put_file_missing_source(store: BlobStore, tmp_path: Path) -> None
     assert await store.stat("staging/u1/up1/0") is None
     if isinstance(store, LocalStore):
         assert local_files(store.root) == []
-        assert not (store.root / "staging" / "u1").exists()
+        assert not (store.root / "staging/u1/up1").exists()
 
 
 async def test_failed_overwrite_keeps_old_object(store: BlobStore, tmp_path: Path) -> None:
@@ -460,7 +460,7 @@ def test_s3_endpoint_with_scheme_rejected() -> None:
         S3Store("http://127.0.0.1:9000", "a", "b")
 
 
-async def test_local_leaves_no_temp_files_and_prunes_directories(
+async def test_local_leaves_no_temp_files_and_prunes_directories_below_users(
     tmp_path: Path,
 ) -> None:
     store = LocalStore(tmp_path / "blobs")
@@ -483,11 +483,11 @@ async def test_local_leaves_no_temp_files_and_prunes_directories(
     await store.delete("staging/u1/up1/0")
     assert (store.root / "staging/u1/up1").is_dir(), "still holds up1/1"
     await store.delete_many(["staging/u1/up1/1"])
-    assert not (store.root / "staging" / "u1").exists()
-    assert (store.root / "staging").is_dir(), "the area directory stays"
+    assert not (store.root / "staging/u1/up1").exists()
+    # The first level (a user's directory) stays: see LocalStore._prune.
+    assert sorted(p.name for p in (store.root / "staging").iterdir()) == ["u1"]
     await store.delete("partitions/u1/p1")
-    assert not (store.root / "partitions" / "u1").exists()
-    assert (store.root / "partitions").is_dir()
+    assert list((store.root / "partitions" / "u1").iterdir()) == []
 
 
 async def test_local_copy_has_fresh_mtime(tmp_path: Path) -> None:
@@ -714,6 +714,58 @@ async def test_local_small_put_into_a_pruned_directory(tmp_path: Path, monkeypat
         await store.put_bytes("partitions/4/c", b"third")
     monkeypatch.undo()
     assert sorted(p.name for p in (store.root / "partitions/4").iterdir()) == ["b"]
+
+
+@pytest.mark.skipif(local_module._syncfs is None, reason="syncfs(2) is Linux-only")
+async def test_copies_at_once_share_syncs_and_keep_the_bytes(tmp_path: Path, monkeypatch) -> None:
+    """A commit's copies are hard links made in the group's thread, made durable by
+    one syncfs per batch instead of an fsync of the directory each."""
+    store = LocalStore(tmp_path / "blobs")
+    await store.start()
+    calls: list[int] = []
+    assert store._group is not None
+    monkeypatch.setattr(store._group, "_syncfs", _counting_syncfs(calls))
+    blobs = {f"staging/{i % 3}/up{i}.0": os.urandom(100 + i) for i in range(40)}
+    await asyncio.gather(*(store.put_bytes(k, v) for k, v in blobs.items()))
+    calls.clear()
+    fsyncs: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(local_module.os, "fsync", lambda fd: (fsyncs.append(fd), fsync(fd)))
+    copies = {key: f"partitions/{key.split('/')[1]}/{n}" for n, key in enumerate(blobs)}
+    await asyncio.gather(*(store.copy(src, dst) for src, dst in copies.items()))
+    assert 1 <= len(calls) < len(copies) and fsyncs == []
+    await store.delete_many(list(blobs))
+    for src, dst in copies.items():
+        assert await read_all(store, dst) == blobs[src]
+        info = await store.stat(dst)
+        assert info is not None and abs(info.mtime - time.time()) < 60
+    names = [p.name for p in store.root.rglob("*")]
+    assert not [n for n in names if n.startswith(".")], "no temp files left"
+
+
+@pytest.mark.parametrize("group_sync", [True, False])
+async def test_local_copy_where_links_are_impossible_copies_the_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group_sync: bool
+) -> None:
+    """Another filesystem (EXDEV), or one without hard links: the bytes are copied."""
+    store = LocalStore(tmp_path / "blobs", group_sync=group_sync)
+    await store.start()
+    data = os.urandom(5000)
+    await store.put_bytes("staging/3/up.0", data)
+    await store.put_bytes("partitions/3/1", b"makes the directory")
+
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(local_module.os, "link", no_links)
+    await store.copy("staging/3/up.0", "partitions/3/2")  # the directory exists
+    await store.copy("staging/3/up.0", "partitions/4/2")  # it does not
+    monkeypatch.undo()
+    await store.delete("staging/3/up.0")
+    assert await read_all(store, "partitions/3/2") == data
+    assert await read_all(store, "partitions/4/2") == data
+    with pytest.raises(BlobNotFound):
+        await store.copy("staging/3/up.0", "partitions/3/3")
 
 
 async def test_without_group_sync_small_puts_fsync_alone(tmp_path: Path, monkeypatch) -> None:
