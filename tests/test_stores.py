@@ -607,13 +607,21 @@ def _counting_syncfs(calls: list[int], fail: bool = False) -> Callable[[int], in
     return syncfs
 
 
-@pytest.mark.skipif(local_module._syncfs is None, reason="syncfs(2) is Linux-only")
-async def test_small_puts_at_once_share_syncs(tmp_path: Path, monkeypatch) -> None:
+async def _store_counting_syncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[LocalStore, list[int]]:
+    """A started LocalStore with group sync whose syncfs calls are counted."""
     store = LocalStore(tmp_path / "blobs")
     await store.start()
     calls: list[int] = []
     assert store._group is not None
     monkeypatch.setattr(store._group, "_syncfs", _counting_syncfs(calls))
+    return store, calls
+
+
+@pytest.mark.skipif(local_module._syncfs is None, reason="syncfs(2) is Linux-only")
+async def test_small_puts_at_once_share_syncs(tmp_path: Path, monkeypatch) -> None:
+    store, calls = await _store_counting_syncs(tmp_path, monkeypatch)
     blobs = {f"partitions/{i % 3}/{i}": os.urandom(100 + i) for i in range(60)}
     await asyncio.gather(*(store.put_bytes(k, v) for k, v in blobs.items()))
     for key, data in blobs.items():
@@ -720,11 +728,7 @@ async def test_local_small_put_into_a_pruned_directory(tmp_path: Path, monkeypat
 async def test_copies_at_once_share_syncs_and_keep_the_bytes(tmp_path: Path, monkeypatch) -> None:
     """A commit's copies are hard links made in the group's thread, made durable by
     one syncfs per batch instead of an fsync of the directory each."""
-    store = LocalStore(tmp_path / "blobs")
-    await store.start()
-    calls: list[int] = []
-    assert store._group is not None
-    monkeypatch.setattr(store._group, "_syncfs", _counting_syncfs(calls))
+    store, calls = await _store_counting_syncs(tmp_path, monkeypatch)
     blobs = {f"staging/{i % 3}/up{i}.0": os.urandom(100 + i) for i in range(40)}
     await asyncio.gather(*(store.put_bytes(k, v) for k, v in blobs.items()))
     calls.clear()
@@ -741,6 +745,48 @@ async def test_copies_at_once_share_syncs_and_keep_the_bytes(tmp_path: Path, mon
         assert info is not None and abs(info.mtime - time.time()) < 60
     names = [p.name for p in store.root.rglob("*")]
     assert not [n for n in names if n.startswith(".")], "no temp files left"
+
+
+@pytest.mark.skipif(local_module._syncfs is None, reason="syncfs(2) is Linux-only")
+async def test_a_batch_is_written_while_the_one_before_syncs(tmp_path: Path, monkeypatch) -> None:
+    """The next batch's operations overlap the sync of the one before; each put is
+    answered only after a sync that followed its own write."""
+    store = LocalStore(tmp_path / "blobs")
+    await store.start()
+    assert store._group is not None
+    syncing, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def first_sync_waits(fd: int) -> int:
+        calls.append(fd)
+        if len(calls) == 1:
+            syncing.set()
+            release.wait(10)  # a disk slow to flush the first batch
+        os.sync()
+        return 0
+
+    monkeypatch.setattr(store._group, "_syncfs", first_sync_waits)
+    first = asyncio.create_task(store.put_bytes("partitions/1/a", b"first"))
+    assert await asyncio.to_thread(syncing.wait, 10)
+    await asyncio.wait_for(store.put_bytes("partitions/1/b", b"second"), 10)
+    assert not first.done(), "answered before its own sync returned"
+    release.set()
+    await asyncio.wait_for(first, 10)
+    assert len(calls) == 2
+    assert await read_all(store, "partitions/1/a") == b"first"
+    assert await read_all(store, "partitions/1/b") == b"second"
+
+
+@pytest.mark.skipif(local_module._syncfs is None, reason="syncfs(2) is Linux-only")
+async def test_a_closed_store_still_finishes_small_puts(tmp_path: Path, monkeypatch) -> None:
+    """Closing stops the group's threads; a put that comes late still gets a sync."""
+    store, calls = await _store_counting_syncs(tmp_path, monkeypatch)
+    await store.put_bytes("partitions/2/a", b"before")
+    await store.close()
+    await asyncio.gather(*(store.put_bytes(f"partitions/2/{i}", b"after") for i in range(5)))
+    assert len(calls) >= 2
+    for i in range(5):
+        assert await read_all(store, f"partitions/2/{i}") == b"after"
 
 
 @pytest.mark.parametrize("group_sync", [True, False])
