@@ -6,7 +6,7 @@ from __future__ import annotations
 def staging_prefix(user: int, upload: str) -> str:
     """The keys of an upload's staged parts: ``staging/<user>/<upload>.<index>``.
 
-    Flat, not a folder per upload (DESIGN.md's ``staging/<user>/<upload>/<index>``):
+    Flat, not a folder per upload (the first layout, ``staging/<user>/<upload>/<index>``):
     on a local store a folder per upload is an inode made and freed per upload,
     and ext4 without a journal skips the inodes freed in the last minute when it
     allocates one, so every file created cost more as commits went faster. Upload

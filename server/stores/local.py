@@ -30,10 +30,15 @@ _COPY_BUFFER = 1 << 20
 READ_AHEAD = 2 << 20
 _MKDIR_ATTEMPTS = 8  # a concurrent delete may prune the directory we just made
 
-#: Temp names of ``_write_small``: unique per process by the counter, across
-#: processes by the pid and a random tag (a pid can be reused after a crash).
+#: Temp names: unique per process by the counter, across processes by the pid
+#: and a random tag (a pid can be reused after a crash).
 _TEMP_TAG = f"{os.getpid()}-{secrets.token_hex(4)}-"
 _temp_names = itertools.count()
+
+
+def _temp_name(dest: Path) -> str:
+    """A fresh name beside ``dest``, hidden from listings by its leading dot."""
+    return f"{dest.parent}/.{dest.name}.{_TEMP_TAG}{next(_temp_names)}.tmp"
 
 
 def check_key(key: str) -> str:
@@ -123,7 +128,7 @@ def _open_temp(dest: Path) -> tuple[Path, int]:
     for _ in range(_MKDIR_ATTEMPTS):
         if not _make_dir(dest.parent):
             continue
-        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp"
+        tmp = Path(_temp_name(dest))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
@@ -155,7 +160,7 @@ def _write_small(dest: Path, data: bytes) -> None:
     thread runs one per small put, each call waits for the GIL held by the event
     loop, and with the directory made and a counter for the temp name (no mkdir,
     no stat, no getrandom, no buffered file object) it spends less time waiting."""
-    tmp = f"{dest.parent}/.{dest.name}.{_TEMP_TAG}{next(_temp_names)}.tmp"
+    tmp = _temp_name(dest)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileNotFoundError:  # no directory yet (or pruned): the general path makes it
@@ -188,7 +193,7 @@ def _link_atomic(src: Path, dest: Path, *, sync: bool = True) -> None:
     for _ in range(_MKDIR_ATTEMPTS):
         if not _make_dir(dest.parent):
             continue
-        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp"
+        tmp = Path(_temp_name(dest))
         try:
             os.link(src, tmp)
         except FileNotFoundError:
@@ -218,7 +223,7 @@ _NO_LINK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
 def _link_small(src: Path, dest: Path) -> None:
     """``_link_atomic`` without a sync, for the group-sync thread, in as few calls as
     ``_write_small``. A missing source raises FileNotFoundError."""
-    tmp = f"{dest.parent}/.{dest.name}.{_TEMP_TAG}{next(_temp_names)}.tmp"
+    tmp = _temp_name(dest)
     try:
         try:
             os.link(src, tmp)
