@@ -32,7 +32,7 @@ from server.groupcommit import GroupCommit
 from server.ingest import IngestThreads
 from server.settings import Settings
 from server.spool import SpoolFile
-from server.stores import BlobNotFound, BlobStore
+from server.stores import BlobNotFound, BlobStore, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,6 +51,10 @@ ID_BATCH = 64
 #: New-object puts per statement, at most, and statements running at once.
 PUT_BATCH = 64
 PUT_BATCHES = 2
+
+#: How long a put batch waits, its users rows locked, for its data to be stored:
+#: no longer than a statement may run (server/db.py's command_timeout).
+STORE_WAIT = 60.0
 
 #: Errors PostgreSQL refuses a statement with, after which nothing of its
 #: transaction committed, so a batch refused so may run again put by put. Not
@@ -79,6 +83,11 @@ class UploadRecord:
         return sorted(self.received)
 
 
+class _NotStored(Exception):
+    """Some puts of a batch failed to reach the store: the batch rolled back, and
+    its puts run again one by one (each with its own outcome)."""
+
+
 class _NewPut(NamedTuple):
     """A new object's put, in the order of ``_PUT_BATCH``'s arrays."""
 
@@ -95,6 +104,13 @@ class _NewPut(NamedTuple):
     sha256: bytes
     part_salt: bytes
     part_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _PutWrite:
+    row: _NewPut
+    #: The write of the put's data to the store, running while its batch does.
+    stored: asyncio.Task[None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,11 +231,11 @@ class Uploads:
         #: Partition ids taken from the sequence and not used yet (``put``).
         self._ids: collections.deque[int] = collections.deque()
         #: New-object puts, committed several users' at a time.
-        self.puts: GroupCommit[_NewPut, tuple[int, int] | None] = GroupCommit(
+        self.puts: GroupCommit[_PutWrite, tuple[int, int] | None] = GroupCommit(
             self._put_batch,
             self._put_one,
             self._spawn,
-            split_on=REFUSED,
+            split_on=(*REFUSED, _NotStored),
             max_batch=PUT_BATCH,
             concurrency=PUT_BATCHES,
         )
@@ -432,7 +448,11 @@ class Uploads:
     async def _put_new(self, user: int, device: str | None, frame: Put) -> CommitResult:
         pid = await self._partition_id()
         key = keys.partition_key(user, pid)
-        await self.store.put_bytes(key, frame.data)
+        # The data goes to the store while the batch's statement runs, and the
+        # batch commits once it is durable (``_put_batch``): a put waits for the
+        # longer of the two, not for both one after the other.
+        stored = asyncio.create_task(self.store.put_bytes(key, frame.data))
+        stored.add_done_callback(_retrieved)
         new = _NewPut(
             user,
             frame.upload,
@@ -451,13 +471,14 @@ class Uploads:
         try:
             # One user's puts go one at a time (one users row per batch), and an
             # upload id appears once per batch (its row is inserted once).
-            row = await self.puts.submit(new, frozenset({user, frame.upload}))
+            row = await self.puts.submit(_PutWrite(new, stored), frozenset({user, frame.upload}))
         except asyncpg.UniqueViolationError:
             row = None  # a concurrent resend of this put took the id first
         # Any other failure may have committed all the same: the janitor removes
         # the partition if no row refers to it.
         if row is not None:
             return CommitResult(row[0], 1, row[1])
+        await asyncio.wait([stored])  # a delete must not race the write
         try:
             prior = await self._prior_put(user, frame)
         except RequestError:  # the id is another upload's: nothing refers to this key
@@ -477,12 +498,17 @@ class Uploads:
             upload=frame.upload,
         )
 
-    async def _put_one(self, new: _NewPut) -> tuple[int, int] | None:
-        return (await self._put_batch([new]))[0]
+    async def _put_one(self, write: _PutWrite) -> tuple[int, int] | None:
+        return (await self._put_batch([write]))[0]
 
-    async def _put_batch(self, batch: list[_NewPut]) -> list[tuple[int, int] | None]:
+    async def _put_batch(self, batch: list[_PutWrite]) -> list[tuple[int, int] | None]:
         """New-object puts of several users in one transaction (``GroupCommit``):
         (object, seq) for each, or None when its id is taken or its quota short.
+
+        The statement runs while the puts' data is still on its way to the store;
+        the transaction commits only once all of it is durable, so no committed
+        row refers to data a crash could lose, and rolls back if any of it failed
+        (``_NotStored``: the others then run again one by one).
 
         The users rows are locked first, in id order (as ``record_change`` locks
         them, so no deadlock with a commit to a shared object), by a statement of
@@ -491,10 +517,40 @@ class Uploads:
         (Within one statement, a row lock waited for re-checks the row, but not
         the reservations the quota subquery reads.) Both run in a function, one
         round trip, where a transaction of two statements took four."""
-        columns = list(zip(*batch, strict=True))
-        rows = await self.pool.fetch(_PUT_BATCH, *columns, float(self.settings.upload_ttl))
+        columns = list(zip(*(write.row for write in batch), strict=True))
+        stored = [write.stored for write in batch]
+        async with self.pool.acquire() as conn:
+            tr = conn.transaction()
+            try:
+                await tr.start()
+                rows = await conn.fetch(_PUT_BATCH, *columns, float(self.settings.upload_ttl))
+                # Never cancels the writes; bounded, since the users rows stay locked.
+                await asyncio.wait(stored, timeout=STORE_WAIT)
+            except asyncpg.PostgresError:
+                await _rollback(conn, tr)  # answered: nothing of it committed
+                raise
+            except BaseException:  # lost or stalled: PostgreSQL rolls back on its own
+                with contextlib.suppress(Exception):
+                    conn.terminate()
+                raise
+            failed = [t for t in stored if not t.done() or t.cancelled() or t.exception()]
+            if failed:
+                await _rollback(conn, tr)
+                if len(batch) > 1:
+                    raise _NotStored(f"{len(failed)} of {len(batch)} puts not stored")
+                if not failed[0].done():
+                    raise StoreError(f"no answer from the store in {STORE_WAIT:g} s")
+                await failed[0]  # its own error: the store's
+            try:
+                await tr.commit()
+            except asyncpg.PostgresError:
+                raise
+            except BaseException:  # may have committed: the caller finds out
+                with contextlib.suppress(Exception):
+                    conn.terminate()
+                raise
         done = {r["pid"]: (r["object_id"], r["change_seq"]) for r in rows}
-        return [done.get(new.pid) for new in batch]
+        return [done.get(write.row.pid) for write in batch]
 
     async def _put_revision(self, user: int, device: str | None, frame: Put) -> CommitResult:
         try:
@@ -981,6 +1037,22 @@ async def _matches(part: PartSpec, data: bytes) -> bool:
     else:
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).digest())
     return digest == part.sha256
+
+
+async def _rollback(conn: asyncpg.Connection, tr: asyncpg.transaction.Transaction) -> None:
+    """Roll back, or end the connection if that fails (which rolls back too)."""
+    try:
+        await tr.rollback()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        raise
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A task whose failure its waiter may never look at: mark it retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _parts(up: asyncpg.Record) -> list[dict[str, Any]]:

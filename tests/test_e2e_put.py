@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from server import keys
+from server import uploads as uploads_module
+from server.stores import StoreError
 from tests.conftest import unique
 from tests.support.client import SyncClient, part_spec, register_login
 
@@ -620,3 +622,136 @@ async def test_a_put_waiting_for_its_users_row_sees_a_reservation_made_meanwhile
     assert reply["t"] == "error" and reply["code"] == "quota_exceeded", reply
     assert await _count(db, "SELECT used FROM users WHERE id = $1", user) == 0
     await client.close()
+
+
+async def test_a_put_commits_only_once_its_data_is_stored(make_server, store_kind, db, monkeypatch):
+    """The batch's statement runs while the data is still on its way to the store
+    (a put waits for the longer of the two, not both), but the transaction commits
+    only after the write: no committed row, and no change pushed, before the data
+    is there."""
+    server = make_server(store_kind)
+    tokens = await register_login(server.http, unique("putgate"))
+    client = await SyncClient.connect(server.ws, tokens["access"], device="a")
+    watcher = await SyncClient.connect(server.ws, tokens["access"], device="b")
+    user = client.welcome["user"]
+    store = server.services.store
+    put_bytes = store.put_bytes
+    gate = server.call(_event)
+
+    async def gated(key: str, data: bytes) -> None:
+        await gate.wait()
+        await put_bytes(key, data)
+
+    monkeypatch.setattr(store, "put_bytes", gated)
+    frame = client.put_frame(os.urandom(800))
+    await client.send(frame)
+    deadline = time.monotonic() + 20
+    while not await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+        "AND query LIKE '%tessera_put_batch%'"
+    ):
+        assert time.monotonic() < deadline, "the statement never ran before the write"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == 0
+    assert await _stored_keys(server, f"partitions/{user}/") == set()
+    with pytest.raises(TimeoutError):
+        await watcher.wait_for(lambda f: f["t"] == "change", timeout=0.2)
+    server.call(_set(gate))
+    reply = await client.wait_for(lambda f: f.get("rid") == frame["rid"])
+    assert reply["t"] == "committed", reply
+    change = await watcher.wait_for(lambda f: f["t"] == "change")
+    assert await watcher.download(change["parts"][0]["id"]) == frame["data"]
+    for c in (client, watcher):
+        await c.close()
+
+
+async def test_a_put_whose_data_is_not_stored_fails_alone(make_server, db, monkeypatch):
+    """One put of a batch fails to reach the store: the batch rolls back, the other
+    puts commit one by one, and the failed one gets ``unavailable`` (retry) with
+    no row referring to its data."""
+    server = make_server()
+    clients = []
+    for i in range(3):
+        tokens = await register_login(server.http, unique(f"nostore{i}"))
+        clients.append(await SyncClient.connect(server.ws, tokens["access"]))
+    users = [c.welcome["user"] for c in clients]
+    store = server.services.store
+    put_bytes = store.put_bytes
+    doomed = keys.partition_key(users[1], 0).rsplit("/", 1)[0] + "/"
+
+    async def failing(key: str, data: bytes) -> None:
+        if key.startswith(doomed):
+            await asyncio.sleep(0.1)  # after the batch's statement ran
+            raise StoreError("disk full")
+        await put_bytes(key, data)
+
+    monkeypatch.setattr(store, "put_bytes", failing)
+    frames = [c.put_frame(os.urandom(600 + i)) for i, c in enumerate(clients)]
+    await _pause_puts(server)
+    for client, frame in zip(clients, frames, strict=True):
+        await client.wait_credit(len(frame["data"]))
+        await client.send(frame)
+    await _resume_puts_when(server, 3)
+    replies = [
+        await c.wait_for(lambda f, r=f["rid"]: f.get("rid") == r)
+        for c, f in zip(clients, frames, strict=True)
+    ]
+    assert replies[1]["t"] == "error" and replies[1]["code"] == "unavailable", replies[1]
+    assert replies[1]["retry"] is True, replies[1]
+    assert [replies[0]["t"], replies[2]["t"]] == ["committed", "committed"], replies
+    stats = server.services.uploads.puts.stats
+    assert (stats.largest, stats.split) == (3, 1)
+    for user, expected in zip(users, (1, 0, 1), strict=True):
+        assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == (
+            expected
+        )
+    assert await _count(db, "SELECT used FROM users WHERE id = $1", users[1]) == 0
+    monkeypatch.setattr(store, "put_bytes", put_bytes)
+    again = await clients[1].put({**frames[1], "rid": clients[1].rid()})  # the retry
+    assert again["t"] == "committed" and again["seq"] == 1, again
+    parts = await db.fetch("SELECT id FROM partitions WHERE object_id = $1", again["object"])
+    assert [await clients[1].download(p["id"]) for p in parts] == [frames[1]["data"]]
+    for c in clients:
+        await c.close()
+
+
+async def test_a_put_whose_store_write_stalls_gives_up_and_frees_its_user(
+    make_server, db, monkeypatch
+):
+    """The batch holds its users rows while it waits for the data: a write that
+    never ends fails the put (``unavailable``) after ``STORE_WAIT``, and the rows
+    are free again for the user's next put."""
+    server = make_server()
+    monkeypatch.setattr(uploads_module, "STORE_WAIT", 0.3)
+    tokens = await register_login(server.http, unique("putstall"))
+    client = await SyncClient.connect(server.ws, tokens["access"])
+    user = client.welcome["user"]
+    store = server.services.store
+    put_bytes = store.put_bytes
+    gate = server.call(_event)
+
+    async def stalled(key: str, data: bytes) -> None:
+        await gate.wait()
+        await put_bytes(key, data)
+
+    monkeypatch.setattr(store, "put_bytes", stalled)
+    first = await client.put(client.put_frame(os.urandom(500)))
+    assert first["t"] == "error" and first["code"] == "unavailable", first
+    monkeypatch.setattr(store, "put_bytes", put_bytes)
+    second = await client.put(client.put_frame(os.urandom(400)))
+    assert second["t"] == "committed" and second["seq"] == 1, second
+    assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == 1
+    server.call(_set(gate))  # the stalled write ends: its file is nobody's (janitor)
+    await client.close()
+
+
+async def _event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+def _set(event: asyncio.Event):
+    async def set_it() -> None:
+        event.set()
+
+    return set_it
