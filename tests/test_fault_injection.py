@@ -515,6 +515,63 @@ async def test_database_cut_mid_commit(rig: Rig, proxied_server: Any, moment: st
     assert not problems + found, "\n".join(problems + found)
 
 
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "statement-lost",  # the put's statement never arrives
+        "before-commit",  # it ran in its transaction; the connection ends before COMMIT
+        "commit-lost",  # COMMIT never arrives: rolled back
+        "answer-lost",  # COMMIT ran, its answer is lost: committed, the server can't know
+    ],
+)
+async def test_database_cut_mid_put(rig: Rig, proxied_server: Any, moment: str) -> None:
+    """A put's batch runs its statement in a transaction that commits once the
+    data is stored. Cut anywhere in it, the put is answered truthfully (committed,
+    or unavailable and retryable), and resending it commits exactly one object
+    whose data downloads."""
+    server = proxied_server()
+    user = await register_login(server.http, unique("putcut"))
+    client = await SyncClient.connect(server.ws, user["access"], device="putcut")
+    uid = await user_id(client)
+    statement = commit_statement(uid)  # the put's partition key, a bound parameter
+    trigger = {
+        "statement-lost": lambda: rig.pg.watch(statement, "cut"),
+        "before-commit": lambda: rig.pg.watch(statement, "cut_after"),
+        "commit-lost": lambda: rig.pg.watch(b"COMMIT", "cut", after=statement),
+        "answer-lost": lambda: rig.pg.watch(b"COMMIT", "cut_after", after=statement),
+    }[moment]()
+    data = random.Random(5).randbytes(3000)
+    frame = client.put_frame(data)
+    started = time.monotonic()
+    reply = await client.put(frame, timeout=ANSWER_BOUND + 10)
+    took = time.monotonic() - started
+    print(f"database cut {moment} mid-put: answered in {took:.2f}s: {reply}")
+    assert trigger.fired.is_set(), "the fault never happened"
+    assert took < ANSWER_BOUND
+    exists = await count_objects(rig, uid)
+    if reply["t"] == "committed":
+        assert exists == 1
+    else:
+        assert (reply["code"], reply.get("retry")) == ("unavailable", True), reply
+        assert exists == (1 if moment == "answer-lost" else 0)
+    results = [reply]
+    deadline = time.monotonic() + 30
+    while results[-1]["t"] != "committed":
+        assert time.monotonic() < deadline, f"the put never went through: {results}"
+        await asyncio.sleep(0.2)
+        results.append(await client.put({**frame, "rid": client.rid()}))
+    done = results[-1]
+    again = await client.put({**frame, "rid": client.rid()})
+    assert (again["t"], again["object"], again["seq"]) == ("committed", done["object"], done["seq"])
+    assert await count_objects(rig, uid) == 1
+    async with rest(server, user["access"]) as http:
+        obj = (await http.get(f"/v1/object/{done['object']}")).json()
+    assert [await client.download(spec["id"]) for spec in obj["parts"]] == [data]
+    _, found = await audit(rig, server, [user["access"]])
+    await client.close()
+    assert not found, "\n".join(found)
+
+
 async def test_database_stall_mid_commit_is_answered_in_bounded_time(
     rig: Rig, proxied_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
