@@ -11,9 +11,9 @@ on the same machine, 0.28 ms of PostgreSQL CPU per row one at a time against
 
 Nothing waits for a batch to fill: a write that finds a free slot runs at the
 end of the loop's turn, with the writes submitted in the same turn (alone, if
-it is alone; a burst that arrived together, such as puts whose store writes
-were synced together, then takes one slot instead of one write in each slot
-and the rest after them); writes that arrive while the slots are busy form the
+it is alone; a burst that arrived together, such as frames read from several
+sockets in one turn, then takes one slot instead of one write in each slot and
+the rest after them); writes that arrive while the slots are busy form the
 next batch. Writes that share a key (the same user, say) never run in one
 batch or in two batches at once, so a batch's statement can update each row
 once and two batches never wait on each other's row locks.
@@ -164,9 +164,11 @@ class GroupCommit(Generic[A, R]):
                     results = await self._run_batch([item.args for item in batch])
                 except self._split_on:
                     self.stats.split += 1
-                    results = await asyncio.gather(
-                        *(self._run_one(item.args) for item in batch), return_exceptions=True
+                    # A write alone cancelled (its future then is) stops no other.
+                    await asyncio.gather(
+                        *(self._alone(item) for item in batch), return_exceptions=True
                     )
+                    return
         except asyncio.CancelledError:
             for item in batch:
                 item.future.cancel()
@@ -175,6 +177,18 @@ class GroupCommit(Generic[A, R]):
             results = [exc] * len(batch)
         for item, result in zip(batch, results, strict=True):
             _answer(item.future, result)
+
+    async def _alone(self, item: _Item[A, R]) -> None:
+        """One write of a split batch, answered as soon as it is done, not when the
+        slowest of the others is."""
+        try:
+            result: R | BaseException = await self._run_one(item.args)
+        except asyncio.CancelledError:
+            item.future.cancel()
+            raise
+        except Exception as exc:
+            result = exc
+        _answer(item.future, result)
 
 
 def _answer(future: asyncio.Future[R], result: R | BaseException) -> None:

@@ -52,8 +52,12 @@ ID_BATCH = 64
 PUT_BATCH = 64
 PUT_BATCHES = 2
 
-#: How long a put batch waits, its users rows locked, for its data to be stored:
-#: no longer than a statement may run (server/db.py's command_timeout).
+#: How long a put batch's transaction waits for its data to be stored, its users
+#: rows locked: a write takes ~10 ms, and one slower than this is waited for
+#: holding nothing (the put then runs again alone).
+LOCKED_STORE_WAIT = 1.0
+#: How long a put waits for its data to be stored at all: as long as a
+#: statement may run (server/db.py's command_timeout).
 STORE_WAIT = 60.0
 
 #: Errors PostgreSQL refuses a statement with, after which nothing of its
@@ -106,11 +110,13 @@ class _NewPut(NamedTuple):
     part_key: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _PutWrite:
     row: _NewPut
     #: The write of the put's data to the store, running while its batch does.
     stored: asyncio.Task[None]
+    #: A batch gave up waiting for the write (``LOCKED_STORE_WAIT``).
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,16 +484,10 @@ class Uploads:
         # the partition if no row refers to it.
         if row is not None:
             return CommitResult(row[0], 1, row[1])
-        await asyncio.wait([stored])  # a delete must not race the write
-        try:
-            prior = await self._prior_put(user, frame)
-        except RequestError:  # the id is another upload's: nothing refers to this key
-            self._cleanup([key])
-            raise
         # Never delete a partition a row refers to: only a statement whose outcome
         # was unknown could have committed this one, but that is not worth a bet.
-        if not await self.pool.fetchval("SELECT 1 FROM partitions WHERE id = $1", pid):
-            self._cleanup([key])
+        self._spawn(self._drop_if_unused(stored, pid, key))
+        prior = await self._prior_put(user, frame)  # or conflict: the id is another's
         if prior is not None:
             return prior
         raise RequestError(
@@ -498,7 +498,31 @@ class Uploads:
             upload=frame.upload,
         )
 
+    async def _drop_if_unused(self, stored: asyncio.Task[None], pid: int, key: str) -> None:
+        """Delete a refused put's partition once its write has ended (a delete must
+        not race it), unless a row refers to it. Whatever stays, the janitor takes."""
+        await asyncio.wait([stored], timeout=STORE_WAIT)
+        if not stored.done():
+            return
+        try:
+            used = await self.pool.fetchval("SELECT 1 FROM partitions WHERE id = $1", pid)
+        except Exception:
+            return
+        if not used:
+            await self._delete_quietly([key])
+
     async def _put_one(self, write: _PutWrite) -> tuple[int, int] | None:
+        """A put alone (or again alone, its batch split). A write still running
+        after ``LOCKED_STORE_WAIT`` is waited for holding no lock and no
+        connection, then the statement runs with the data in place; a write that
+        failed fails the put without a statement."""
+        if not write.stored.done() and not write.late:
+            try:
+                return (await self._put_batch([write]))[0]
+            except _NotStored:
+                pass  # late now
+        await asyncio.wait([write.stored], timeout=STORE_WAIT)
+        _raise_if_failed(write.stored)
         return (await self._put_batch([write]))[0]
 
     async def _put_batch(self, batch: list[_PutWrite]) -> list[tuple[int, int] | None]:
@@ -506,9 +530,11 @@ class Uploads:
         (object, seq) for each, or None when its id is taken or its quota short.
 
         The statement runs while the puts' data is still on its way to the store;
-        the transaction commits only once all of it is durable, so no committed
-        row refers to data a crash could lose, and rolls back if any of it failed
-        (``_NotStored``: the others then run again one by one).
+        the transaction commits only once the data of every put it inserted is
+        durable, so no committed row refers to data a crash could lose. If a write
+        failed, or is still running after ``LOCKED_STORE_WAIT`` (the users rows
+        are locked meanwhile), it rolls back (``_NotStored``) and the puts run
+        again one by one (``_put_one``).
 
         The users rows are locked first, in id order (as ``record_change`` locks
         them, so no deadlock with a commit to a shared object), by a statement of
@@ -518,14 +544,16 @@ class Uploads:
         the reservations the quota subquery reads.) Both run in a function, one
         round trip, where a transaction of two statements took four."""
         columns = list(zip(*(write.row for write in batch), strict=True))
-        stored = [write.stored for write in batch]
         async with self.pool.acquire() as conn:
             tr = conn.transaction()
             try:
                 await tr.start()
                 rows = await conn.fetch(_PUT_BATCH, *columns, float(self.settings.upload_ttl))
-                # Never cancels the writes; bounded, since the users rows stay locked.
-                await asyncio.wait(stored, timeout=STORE_WAIT)
+                done = {r["pid"]: (r["object_id"], r["change_seq"]) for r in rows}
+                # The writes of the puts inserted (a refused put's data is no row's).
+                needed = [w.stored for w in batch if w.row.pid in done]
+                if needed:  # never cancels the writes
+                    await asyncio.wait(needed, timeout=LOCKED_STORE_WAIT)
             except asyncpg.PostgresError:
                 await _rollback(conn, tr)  # answered: nothing of it committed
                 raise
@@ -533,14 +561,14 @@ class Uploads:
                 with contextlib.suppress(Exception):
                     conn.terminate()
                 raise
-            failed = [t for t in stored if not t.done() or t.cancelled() or t.exception()]
+            failed = [t for t in needed if not t.done() or t.cancelled() or t.exception()]
             if failed:
+                for write in batch:
+                    write.late = write.late or not write.stored.done()
                 await _rollback(conn, tr)
-                if len(batch) > 1:
-                    raise _NotStored(f"{len(failed)} of {len(batch)} puts not stored")
-                if not failed[0].done():
-                    raise StoreError(f"no answer from the store in {STORE_WAIT:g} s")
-                await failed[0]  # its own error: the store's
+                if len(batch) == 1 and failed[0].done():
+                    _raise_if_failed(failed[0])  # its own error: the store's
+                raise _NotStored(f"{len(failed)} of {len(batch)} puts not stored yet")
             try:
                 await tr.commit()
             except asyncpg.PostgresError:
@@ -549,7 +577,6 @@ class Uploads:
                 with contextlib.suppress(Exception):
                     conn.terminate()
                 raise
-        done = {r["pid"]: (r["object_id"], r["change_seq"]) for r in rows}
         return [done.get(write.row.pid) for write in batch]
 
     async def _put_revision(self, user: int, device: str | None, frame: Put) -> CommitResult:
@@ -1047,6 +1074,17 @@ async def _rollback(conn: asyncpg.Connection, tr: asyncpg.transaction.Transactio
         with contextlib.suppress(Exception):
             conn.terminate()
         raise
+
+
+def _raise_if_failed(stored: asyncio.Task[None]) -> None:
+    """The error of a put's write to the store, if it has one (it may be running)."""
+    if not stored.done():
+        raise StoreError(f"no answer from the store in {STORE_WAIT:g} s")
+    if stored.cancelled():
+        raise StoreError("the write to the store was cancelled")
+    exc = stored.exception()
+    if exc is not None:
+        raise exc
 
 
 def _retrieved(task: asyncio.Task[Any]) -> None:

@@ -630,6 +630,7 @@ async def test_a_put_commits_only_once_its_data_is_stored(make_server, store_kin
     only after the write: no committed row, and no change pushed, before the data
     is there."""
     server = make_server(store_kind)
+    monkeypatch.setattr(uploads_module, "LOCKED_STORE_WAIT", 30.0)  # however slow the test
     tokens = await register_login(server.http, unique("putgate"))
     client = await SyncClient.connect(server.ws, tokens["access"], device="a")
     watcher = await SyncClient.connect(server.ws, tokens["access"], device="b")
@@ -648,7 +649,7 @@ async def test_a_put_commits_only_once_its_data_is_stored(make_server, store_kin
     deadline = time.monotonic() + 20
     while not await db.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
-        "AND query LIKE '%tessera_put_batch%'"
+        "AND datname = current_database() AND query LIKE '%tessera_put_batch%'"
     ):
         assert time.monotonic() < deadline, "the statement never ran before the write"
         await asyncio.sleep(0.02)
@@ -719,11 +720,12 @@ async def test_a_put_whose_data_is_not_stored_fails_alone(make_server, db, monke
 async def test_a_put_whose_store_write_stalls_gives_up_and_frees_its_user(
     make_server, db, monkeypatch
 ):
-    """The batch holds its users rows while it waits for the data: a write that
-    never ends fails the put (``unavailable``) after ``STORE_WAIT``, and the rows
-    are free again for the user's next put."""
+    """A write that never ends fails its put (``unavailable``) after
+    ``STORE_WAIT``; the users row is locked only for ``LOCKED_STORE_WAIT`` of
+    that, and is free again for the user's next put."""
     server = make_server()
-    monkeypatch.setattr(uploads_module, "STORE_WAIT", 0.3)
+    monkeypatch.setattr(uploads_module, "LOCKED_STORE_WAIT", 0.2)
+    monkeypatch.setattr(uploads_module, "STORE_WAIT", 1.5)
     tokens = await register_login(server.http, unique("putstall"))
     client = await SyncClient.connect(server.ws, tokens["access"])
     user = client.welcome["user"]
@@ -736,14 +738,75 @@ async def test_a_put_whose_store_write_stalls_gives_up_and_frees_its_user(
         await put_bytes(key, data)
 
     monkeypatch.setattr(store, "put_bytes", stalled)
-    first = await client.put(client.put_frame(os.urandom(500)))
+    frame = client.put_frame(os.urandom(500))
+    started = time.monotonic()
+    await client.send(frame)
+    await asyncio.sleep(0.6)  # past the locked wait: the row is free, the put waits on
+    async with db.transaction():
+        await db.execute("SET LOCAL lock_timeout = '100ms'")
+        await db.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user)
+    first = await client.wait_for(lambda f: f.get("rid") == frame["rid"])
     assert first["t"] == "error" and first["code"] == "unavailable", first
+    assert 1.5 <= time.monotonic() - started < 10
     monkeypatch.setattr(store, "put_bytes", put_bytes)
     second = await client.put(client.put_frame(os.urandom(400)))
     assert second["t"] == "committed" and second["seq"] == 1, second
     assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == 1
     server.call(_set(gate))  # the stalled write ends: its file is nobody's (janitor)
     await client.close()
+
+
+async def test_a_slow_write_in_a_batch_holds_back_neither_the_others_nor_its_rows(
+    make_server, db, monkeypatch
+):
+    """One put's write is slow: after ``LOCKED_STORE_WAIT`` the batch rolls back,
+    the other puts commit alone and are answered at once, and the slow one waits
+    for its data holding no lock, then commits."""
+    server = make_server()
+    monkeypatch.setattr(uploads_module, "LOCKED_STORE_WAIT", 0.2)
+    clients = []
+    for i in range(3):
+        tokens = await register_login(server.http, unique(f"slowput{i}"))
+        clients.append(await SyncClient.connect(server.ws, tokens["access"]))
+    users = [c.welcome["user"] for c in clients]
+    store = server.services.store
+    put_bytes = store.put_bytes
+    gate = server.call(_event)
+    slow = keys.partition_key(users[1], 0).rsplit("/", 1)[0] + "/"
+
+    async def gated(key: str, data: bytes) -> None:
+        if key.startswith(slow):
+            await gate.wait()
+        await put_bytes(key, data)
+
+    monkeypatch.setattr(store, "put_bytes", gated)
+    frames = [c.put_frame(os.urandom(700 + i)) for i, c in enumerate(clients)]
+    await _pause_puts(server)
+    for client, frame in zip(clients, frames, strict=True):
+        await client.wait_credit(len(frame["data"]))
+        await client.send(frame)
+    await _resume_puts_when(server, 3)
+    for i in (0, 2):
+        reply = await clients[i].wait_for(lambda f, r=frames[i]["rid"]: f.get("rid") == r)
+        assert reply["t"] == "committed", reply
+    stats = server.services.uploads.puts.stats
+    assert (stats.largest, stats.split) == (3, 1)
+    # The slow put waits for its data holding no lock: its user's row is free.
+    async with db.transaction():
+        await db.execute("SET LOCAL lock_timeout = '100ms'")
+        await db.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", users[1])
+    assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", users[1]) == 0
+    server.call(_set(gate))
+    reply = await clients[1].wait_for(lambda f: f.get("rid") == frames[1]["rid"])
+    assert reply["t"] == "committed" and reply["seq"] == 1, reply
+    assert (
+        await clients[1].download(
+            await db.fetchval("SELECT id FROM partitions WHERE object_id = $1", reply["object"])
+        )
+        == frames[1]["data"]
+    )
+    for c in clients:
+        await c.close()
 
 
 async def _event() -> asyncio.Event:

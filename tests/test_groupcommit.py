@@ -188,6 +188,30 @@ async def test_a_rejected_batch_runs_each_write_alone() -> None:
     assert group.stats.split == 1
 
 
+async def test_each_write_of_a_split_batch_is_answered_when_it_is_done() -> None:
+    """Not when the slowest write of the batch is: a put waiting for its data
+    must not hold back the answers of the others."""
+    rec = Recorder()
+    slow = asyncio.Event()
+    plain_one = rec.one
+
+    async def one(arg: int) -> int:
+        if arg == 2:
+            await slow.wait()
+        return await plain_one(arg)
+
+    rec.one = one  # type: ignore[method-assign]
+    rec.poison = 1
+    group = rec.group()
+    tasks = [asyncio.create_task(group.submit(i, frozenset({i}))) for i in (1, 2, 3)]
+    await asyncio.wait([tasks[0], tasks[2]], timeout=5)
+    assert [t.done() for t in tasks] == [True, False, True]
+    assert (tasks[0].result(), tasks[2].result()) == (10, 30)
+    slow.set()
+    assert await tasks[1] == 20
+    assert rec.batches == [[1, 2, 3]] and group.stats.split == 1
+
+
 async def test_an_unknown_outcome_goes_to_every_write_of_the_batch() -> None:
     """A lost connection may have committed: running the writes again could do them
     twice, so each gets the error, as a write alone would."""
