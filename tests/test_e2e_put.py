@@ -444,6 +444,24 @@ async def _resume_puts_when(server, pending: int) -> None:
         await asyncio.sleep(0.02)
 
 
+async def _users_connected(server, name: str, n: int) -> tuple[list[SyncClient], list[int]]:
+    """``n`` new users, each with one connected device."""
+    clients = []
+    for i in range(n):
+        tokens = await register_login(server.http, unique(f"{name}{i}"))
+        clients.append(await SyncClient.connect(server.ws, tokens["access"]))
+    return clients, [c.welcome["user"] for c in clients]
+
+
+async def _send_together(server, clients: list[SyncClient], frames: list[dict]) -> None:
+    """Send one put per client, held until all have arrived: they form one batch."""
+    await _pause_puts(server)
+    for client, frame in zip(clients, frames, strict=True):
+        await client.wait_credit(len(frame["data"]))
+        await client.send(frame)
+    await _resume_puts_when(server, len(frames))
+
+
 async def test_puts_of_many_users_share_a_statement_and_each_gets_its_own_answer(
     make_server, store_kind, db
 ):
@@ -522,11 +540,7 @@ async def test_a_batch_refused_by_the_database_commits_its_puts_one_by_one(
     """Another transaction takes a batched put's id while the batch runs: the batch's
     statement fails as a whole, then each put runs alone and gets its own answer."""
     server = make_server()
-    clients = []
-    for i in range(3):
-        tokens = await register_login(server.http, unique(f"split{i}"))
-        clients.append(await SyncClient.connect(server.ws, tokens["access"]))
-    users = [c.welcome["user"] for c in clients]
+    clients, users = await _users_connected(server, "split", 3)
     frames = [c.put_frame(os.urandom(900 + i)) for i, c in enumerate(clients)]
     taken = db.transaction()
     await taken.start()
@@ -635,15 +649,7 @@ async def test_a_put_commits_only_once_its_data_is_stored(make_server, store_kin
     client = await SyncClient.connect(server.ws, tokens["access"], device="a")
     watcher = await SyncClient.connect(server.ws, tokens["access"], device="b")
     user = client.welcome["user"]
-    store = server.services.store
-    put_bytes = store.put_bytes
-    gate = server.call(_event)
-
-    async def gated(key: str, data: bytes) -> None:
-        await gate.wait()
-        await put_bytes(key, data)
-
-    monkeypatch.setattr(store, "put_bytes", gated)
+    gate = _gate_store_writes(server, monkeypatch)
     frame = client.put_frame(os.urandom(800))
     await client.send(frame)
     deadline = time.monotonic() + 20
@@ -658,7 +664,7 @@ async def test_a_put_commits_only_once_its_data_is_stored(make_server, store_kin
     assert await _stored_keys(server, f"partitions/{user}/") == set()
     with pytest.raises(TimeoutError):
         await watcher.wait_for(lambda f: f["t"] == "change", timeout=0.2)
-    server.call(_set(gate))
+    gate.open()
     reply = await client.wait_for(lambda f: f.get("rid") == frame["rid"])
     assert reply["t"] == "committed", reply
     change = await watcher.wait_for(lambda f: f["t"] == "change")
@@ -672,11 +678,7 @@ async def test_a_put_whose_data_is_not_stored_fails_alone(make_server, db, monke
     puts commit one by one, and the failed one gets ``unavailable`` (retry) with
     no row referring to its data."""
     server = make_server()
-    clients = []
-    for i in range(3):
-        tokens = await register_login(server.http, unique(f"nostore{i}"))
-        clients.append(await SyncClient.connect(server.ws, tokens["access"]))
-    users = [c.welcome["user"] for c in clients]
+    clients, users = await _users_connected(server, "nostore", 3)
     store = server.services.store
     put_bytes = store.put_bytes
     doomed = keys.partition_key(users[1], 0).rsplit("/", 1)[0] + "/"
@@ -689,11 +691,7 @@ async def test_a_put_whose_data_is_not_stored_fails_alone(make_server, db, monke
 
     monkeypatch.setattr(store, "put_bytes", failing)
     frames = [c.put_frame(os.urandom(600 + i)) for i, c in enumerate(clients)]
-    await _pause_puts(server)
-    for client, frame in zip(clients, frames, strict=True):
-        await client.wait_credit(len(frame["data"]))
-        await client.send(frame)
-    await _resume_puts_when(server, 3)
+    await _send_together(server, clients, frames)
     replies = [
         await c.wait_for(lambda f, r=f["rid"]: f.get("rid") == r)
         for c, f in zip(clients, frames, strict=True)
@@ -729,30 +727,20 @@ async def test_a_put_whose_store_write_stalls_gives_up_and_frees_its_user(
     tokens = await register_login(server.http, unique("putstall"))
     client = await SyncClient.connect(server.ws, tokens["access"])
     user = client.welcome["user"]
-    store = server.services.store
-    put_bytes = store.put_bytes
-    gate = server.call(_event)
-
-    async def stalled(key: str, data: bytes) -> None:
-        await gate.wait()
-        await put_bytes(key, data)
-
-    monkeypatch.setattr(store, "put_bytes", stalled)
+    gate = _gate_store_writes(server, monkeypatch)
     frame = client.put_frame(os.urandom(500))
     started = time.monotonic()
     await client.send(frame)
     await asyncio.sleep(0.6)  # past the locked wait: the row is free, the put waits on
-    async with db.transaction():
-        await db.execute("SET LOCAL lock_timeout = '100ms'")
-        await db.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user)
+    await _row_is_free(db, user)
     first = await client.wait_for(lambda f: f.get("rid") == frame["rid"])
     assert first["t"] == "error" and first["code"] == "unavailable", first
     assert 1.5 <= time.monotonic() - started < 10
-    monkeypatch.setattr(store, "put_bytes", put_bytes)
+    gate.remove()
     second = await client.put(client.put_frame(os.urandom(400)))
     assert second["t"] == "committed" and second["seq"] == 1, second
     assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", user) == 1
-    server.call(_set(gate))  # the stalled write ends: its file is nobody's (janitor)
+    gate.open()  # the stalled write ends: its file is nobody's (janitor)
     await client.close()
 
 
@@ -764,39 +752,19 @@ async def test_a_slow_write_in_a_batch_holds_back_neither_the_others_nor_its_row
     for its data holding no lock, then commits."""
     server = make_server()
     monkeypatch.setattr(uploads_module, "LOCKED_STORE_WAIT", 0.2)
-    clients = []
-    for i in range(3):
-        tokens = await register_login(server.http, unique(f"slowput{i}"))
-        clients.append(await SyncClient.connect(server.ws, tokens["access"]))
-    users = [c.welcome["user"] for c in clients]
-    store = server.services.store
-    put_bytes = store.put_bytes
-    gate = server.call(_event)
-    slow = keys.partition_key(users[1], 0).rsplit("/", 1)[0] + "/"
-
-    async def gated(key: str, data: bytes) -> None:
-        if key.startswith(slow):
-            await gate.wait()
-        await put_bytes(key, data)
-
-    monkeypatch.setattr(store, "put_bytes", gated)
+    clients, users = await _users_connected(server, "slowput", 3)
+    gate = _gate_store_writes(server, monkeypatch, f"partitions/{users[1]}/")
     frames = [c.put_frame(os.urandom(700 + i)) for i, c in enumerate(clients)]
-    await _pause_puts(server)
-    for client, frame in zip(clients, frames, strict=True):
-        await client.wait_credit(len(frame["data"]))
-        await client.send(frame)
-    await _resume_puts_when(server, 3)
+    await _send_together(server, clients, frames)
     for i in (0, 2):
         reply = await clients[i].wait_for(lambda f, r=frames[i]["rid"]: f.get("rid") == r)
         assert reply["t"] == "committed", reply
     stats = server.services.uploads.puts.stats
     assert (stats.largest, stats.split) == (3, 1)
     # The slow put waits for its data holding no lock: its user's row is free.
-    async with db.transaction():
-        await db.execute("SET LOCAL lock_timeout = '100ms'")
-        await db.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", users[1])
+    await _row_is_free(db, users[1])
     assert await _count(db, "SELECT count(*) FROM objects WHERE owner_id = $1", users[1]) == 0
-    server.call(_set(gate))
+    gate.open()
     reply = await clients[1].wait_for(lambda f: f.get("rid") == frames[1]["rid"])
     assert reply["t"] == "committed" and reply["seq"] == 1, reply
     assert (
@@ -809,12 +777,46 @@ async def test_a_slow_write_in_a_batch_holds_back_neither_the_others_nor_its_row
         await c.close()
 
 
-async def _event() -> asyncio.Event:
-    return asyncio.Event()
+class _StoreGate:
+    """Holds the server's store writes of keys under a prefix until opened."""
+
+    def __init__(self, server, monkeypatch, prefix: str) -> None:
+        self._server = server
+        self._monkeypatch = monkeypatch
+        self._store = server.services.store
+        self._put_bytes = self._store.put_bytes
+        self._event: asyncio.Event = server.call(_new_event)
+
+        async def gated(key: str, data: bytes) -> None:
+            if key.startswith(prefix):
+                await self._event.wait()
+            await self._put_bytes(key, data)
+
+        monkeypatch.setattr(self._store, "put_bytes", gated)
+
+    def open(self) -> None:
+        """Let the held writes (and later ones) through."""
+
+        async def set_it() -> None:
+            self._event.set()
+
+        self._server.call(set_it)
+
+    def remove(self) -> None:
+        """Later writes go straight to the store; held ones stay held."""
+        self._monkeypatch.setattr(self._store, "put_bytes", self._put_bytes)
 
 
-def _set(event: asyncio.Event):
-    async def set_it() -> None:
-        event.set()
+def _gate_store_writes(server, monkeypatch, prefix: str = "") -> _StoreGate:
+    return _StoreGate(server, monkeypatch, prefix)
 
-    return set_it
+
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()  # made in the server's loop, to be waited for there
+
+
+async def _row_is_free(db, user: int) -> None:
+    """The user's users row is not locked (by a put waiting for its data, say)."""
+    async with db.transaction():
+        await db.execute("SET LOCAL lock_timeout = '100ms'")
+        await db.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user)
