@@ -110,6 +110,17 @@ class _NewPut(NamedTuple):
     part_key: bytes
 
 
+class _Late:
+    """A put's write is still running: wait for it, then submit the put again."""
+
+
+_LATE = _Late()
+
+#: What a put's batch gives each put: (object, change seq); None when refused
+#: (quota short, id taken); ``_LATE``.
+_PutOutcome = tuple[int, int] | _Late | None
+
+
 @dataclass(slots=True)
 class _PutWrite:
     row: _NewPut
@@ -237,7 +248,7 @@ class Uploads:
         #: Partition ids taken from the sequence and not used yet (``put``).
         self._ids: collections.deque[int] = collections.deque()
         #: New-object puts, committed several users' at a time.
-        self.puts: GroupCommit[_PutWrite, tuple[int, int] | None] = GroupCommit(
+        self.puts: GroupCommit[_PutWrite, _PutOutcome] = GroupCommit(
             self._put_batch,
             self._put_one,
             self._spawn,
@@ -457,7 +468,7 @@ class Uploads:
         # The data goes to the store while the batch's statement runs, and the
         # batch commits once it is durable (``_put_batch``): a put waits for the
         # longer of the two, not for both one after the other.
-        stored = asyncio.create_task(self.store.put_bytes(key, frame.data))
+        stored = self._spawn(self.store.put_bytes(key, frame.data))
         stored.add_done_callback(_retrieved)
         new = _NewPut(
             user,
@@ -474,15 +485,29 @@ class Uploads:
             frame.part.salt,
             frame.part.key,
         )
+        write = _PutWrite(new, stored)
+        # One user's puts go one at a time (one users row per batch), and an
+        # upload id appears once per batch (its row is inserted once).
+        batch_keys = frozenset({user, frame.upload})
         try:
-            # One user's puts go one at a time (one users row per batch), and an
-            # upload id appears once per batch (its row is inserted once).
-            row = await self.puts.submit(_PutWrite(new, stored), frozenset({user, frame.upload}))
+            row = await self.puts.submit(write, batch_keys)
+            if isinstance(row, _Late):
+                # Waited for outside the group: a slow write holds no slot, no
+                # key of another put, no lock and no connection.
+                await asyncio.wait([stored], timeout=STORE_WAIT)
+                _raise_if_failed(stored)
+                row = await self.puts.submit(write, batch_keys)  # the data is in place
         except asyncpg.UniqueViolationError:
             row = None  # a concurrent resend of this put took the id first
+        except StoreError:
+            # A resend of a put that committed gets the first one's result.
+            prior = await self._prior_put(user, frame)
+            if prior is not None:
+                return prior
+            raise
         # Any other failure may have committed all the same: the janitor removes
         # the partition if no row refers to it.
-        if row is not None:
+        if isinstance(row, tuple):
             return CommitResult(row[0], 1, row[1])
         # Never delete a partition a row refers to: only a statement whose outcome
         # was unknown could have committed this one, but that is not worth a bet.
@@ -511,21 +536,21 @@ class Uploads:
         if not used:
             await self._delete_quietly([key])
 
-    async def _put_one(self, write: _PutWrite) -> tuple[int, int] | None:
-        """A put alone (or again alone, its batch split). A write still running
-        after ``LOCKED_STORE_WAIT`` is waited for holding no lock and no
-        connection, then the statement runs with the data in place; a write that
-        failed fails the put without a statement."""
-        if not write.stored.done() and not write.late:
-            try:
-                return (await self._put_batch([write]))[0]
-            except _NotStored:
-                pass  # late now
-        await asyncio.wait([write.stored], timeout=STORE_WAIT)
-        _raise_if_failed(write.stored)
-        return (await self._put_batch([write]))[0]
+    async def _put_one(self, write: _PutWrite) -> _PutOutcome:
+        """A put alone (or again alone, its batch split). ``_LATE`` when its write
+        is still running after ``LOCKED_STORE_WAIT``: the caller waits for it
+        outside the group and submits again. A write that failed fails the put
+        without a statement."""
+        if write.stored.done():
+            _raise_if_failed(write.stored)
+        elif write.late:
+            return _LATE
+        try:
+            return (await self._put_batch([write]))[0]
+        except _NotStored:
+            return _LATE
 
-    async def _put_batch(self, batch: list[_PutWrite]) -> list[tuple[int, int] | None]:
+    async def _put_batch(self, batch: list[_PutWrite]) -> list[_PutOutcome]:
         """New-object puts of several users in one transaction (``GroupCommit``):
         (object, seq) for each, or None when its id is taken or its quota short.
 
@@ -534,7 +559,7 @@ class Uploads:
         durable, so no committed row refers to data a crash could lose. If a write
         failed, or is still running after ``LOCKED_STORE_WAIT`` (the users rows
         are locked meanwhile), it rolls back (``_NotStored``) and the puts run
-        again one by one (``_put_one``).
+        again one by one (``_put_one``), a late one once its write has ended.
 
         The users rows are locked first, in id order (as ``record_change`` locks
         them, so no deadlock with a commit to a shared object), by a statement of
@@ -563,8 +588,9 @@ class Uploads:
                 raise
             failed = [t for t in needed if not t.done() or t.cancelled() or t.exception()]
             if failed:
-                for write in batch:
-                    write.late = write.late or not write.stored.done()
+                for write in batch:  # a refused put's data is no row's: never late
+                    late = write.row.pid in done and not write.stored.done()
+                    write.late = write.late or late
                 await _rollback(conn, tr)
                 if len(batch) == 1 and failed[0].done():
                     _raise_if_failed(failed[0])  # its own error: the store's

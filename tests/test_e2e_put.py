@@ -679,17 +679,8 @@ async def test_a_put_whose_data_is_not_stored_fails_alone(make_server, db, monke
     no row referring to its data."""
     server = make_server()
     clients, users = await _users_connected(server, "nostore", 3)
-    store = server.services.store
-    put_bytes = store.put_bytes
-    doomed = keys.partition_key(users[1], 0).rsplit("/", 1)[0] + "/"
-
-    async def failing(key: str, data: bytes) -> None:
-        if key.startswith(doomed):
-            await asyncio.sleep(0.1)  # after the batch's statement ran
-            raise StoreError("disk full")
-        await put_bytes(key, data)
-
-    monkeypatch.setattr(store, "put_bytes", failing)
+    # Fails after the batch's statement ran.
+    failing = _gate_store_writes(server, monkeypatch, f"partitions/{users[1]}/", fail=0.1)
     frames = [c.put_frame(os.urandom(600 + i)) for i, c in enumerate(clients)]
     await _send_together(server, clients, frames)
     replies = [
@@ -706,7 +697,7 @@ async def test_a_put_whose_data_is_not_stored_fails_alone(make_server, db, monke
             expected
         )
     assert await _count(db, "SELECT used FROM users WHERE id = $1", users[1]) == 0
-    monkeypatch.setattr(store, "put_bytes", put_bytes)
+    failing.remove()
     again = await clients[1].put({**frames[1], "rid": clients[1].rid()})  # the retry
     assert again["t"] == "committed" and again["seq"] == 1, again
     parts = await db.fetch("SELECT id FROM partitions WHERE object_id = $1", again["object"])
@@ -777,10 +768,70 @@ async def test_a_slow_write_in_a_batch_holds_back_neither_the_others_nor_its_row
         await c.close()
 
 
-class _StoreGate:
-    """Holds the server's store writes of keys under a prefix until opened."""
+async def test_puts_waiting_for_slow_writes_hold_no_batch_slot(make_server, monkeypatch):
+    """Two puts whose writes hang (as many as there are batch slots) leave the
+    slots free once late: a third user's put commits meanwhile."""
+    server = make_server()
+    monkeypatch.setattr(uploads_module, "LOCKED_STORE_WAIT", 0.2)
+    monkeypatch.setattr(uploads_module, "STORE_WAIT", 60.0)
+    clients, users = await _users_connected(server, "slotfree", 3)
+    gates = [_gate_store_writes(server, monkeypatch, f"partitions/{u}/") for u in users[:2]]
+    stalled = [c.put_frame(os.urandom(300)) for c in clients[:2]]
+    for client, frame in zip(clients, stalled, strict=False):
+        await client.send(frame)
+    await asyncio.sleep(0.5)  # both late now
+    started = time.monotonic()
+    third = await clients[2].put(clients[2].put_frame(os.urandom(300)), timeout=20)
+    assert third["t"] == "committed", third
+    assert time.monotonic() - started < 10
+    for gate in gates:
+        gate.open()
+    for client, frame in zip(clients, stalled, strict=False):
+        reply = await client.wait_for(lambda f, r=frame["rid"]: f.get("rid") == r)
+        assert reply["t"] == "committed", reply
+    for c in clients:
+        await c.close()
 
-    def __init__(self, server, monkeypatch, prefix: str) -> None:
+
+async def test_a_refused_put_is_answered_without_waiting_for_its_write(make_server, monkeypatch):
+    """A put over its quota in a batch that rolled back for a slow write: its own
+    data is no row's, so it gets its refusal at once, not after its write."""
+    server = make_server(default_quota=1000)
+    monkeypatch.setattr(uploads_module, "LOCKED_STORE_WAIT", 0.2)
+    clients, _ = await _users_connected(server, "refusedslow", 2)
+    gate = _gate_store_writes(server, monkeypatch, "partitions/")  # every put's write
+    frames = [clients[0].put_frame(os.urandom(500)), clients[1].put_frame(os.urandom(5000))]
+    await _send_together(server, clients, frames)
+    refused = await clients[1].wait_for(lambda f: f.get("rid") == frames[1]["rid"], timeout=10)
+    assert refused["t"] == "error" and refused["code"] == "quota_exceeded", refused
+    stats = server.services.uploads.puts.stats
+    assert (stats.largest, stats.split) == (2, 1)
+    gate.open()
+    first = await clients[0].wait_for(lambda f: f.get("rid") == frames[0]["rid"])
+    assert first["t"] == "committed", first
+    for c in clients:
+        await c.close()
+
+
+async def test_a_resent_put_whose_write_fails_gets_the_first_result(make_server, monkeypatch):
+    """The resend's own copy of the data is not needed: the put committed, and
+    the resend says so rather than ``unavailable``."""
+    server = make_server()
+    clients, users = await _users_connected(server, "resendfail", 1)
+    frame = clients[0].put_frame(os.urandom(400))
+    first = await clients[0].put(frame)
+    assert first["t"] == "committed", first
+    _gate_store_writes(server, monkeypatch, f"partitions/{users[0]}/", fail=0.0)
+    again = await clients[0].put({**frame, "rid": clients[0].rid()})
+    assert (again["t"], again["object"], again["seq"]) == ("committed", first["object"], 1)
+    await clients[0].close()
+
+
+class _StoreGate:
+    """Holds the server's store writes of keys under a prefix until opened; or,
+    with ``fail`` (seconds), fails them after that long."""
+
+    def __init__(self, server, monkeypatch, prefix: str, fail: float | None = None) -> None:
         self._server = server
         self._monkeypatch = monkeypatch
         self._store = server.services.store
@@ -788,6 +839,9 @@ class _StoreGate:
         self._event: asyncio.Event = server.call(_new_event)
 
         async def gated(key: str, data: bytes) -> None:
+            if key.startswith(prefix) and fail is not None:
+                await asyncio.sleep(fail)
+                raise StoreError("disk full")
             if key.startswith(prefix):
                 await self._event.wait()
             await self._put_bytes(key, data)
@@ -807,8 +861,10 @@ class _StoreGate:
         self._monkeypatch.setattr(self._store, "put_bytes", self._put_bytes)
 
 
-def _gate_store_writes(server, monkeypatch, prefix: str = "") -> _StoreGate:
-    return _StoreGate(server, monkeypatch, prefix)
+def _gate_store_writes(
+    server, monkeypatch, prefix: str = "", fail: float | None = None
+) -> _StoreGate:
+    return _StoreGate(server, monkeypatch, prefix, fail)
 
 
 async def _new_event() -> asyncio.Event:
