@@ -156,19 +156,19 @@ class GroupCommit(Generic[A, R]):
         self._kick()
 
     async def _settle(self, batch: list[_Item[A, R]]) -> None:
+        if len(batch) == 1:
+            await self._alone(batch[0])
+            return
         try:
-            if len(batch) == 1:
-                results: Sequence[R | BaseException] = [await self._run_one(batch[0].args)]
-            else:
-                try:
-                    results = await self._run_batch([item.args for item in batch])
-                except self._split_on:
-                    self.stats.split += 1
-                    # A write alone cancelled (its future then is) stops no other.
-                    await asyncio.gather(
-                        *(self._alone(item) for item in batch), return_exceptions=True
-                    )
-                    return
+            try:
+                results: Sequence[R | BaseException] = await self._run_batch(
+                    [item.args for item in batch]
+                )
+            except self._split_on:
+                self.stats.split += 1
+                # A write alone cancelled (its future then is) stops no other.
+                await asyncio.gather(*(self._alone(item) for item in batch), return_exceptions=True)
+                return
         except asyncio.CancelledError:
             for item in batch:
                 item.future.cancel()
@@ -179,8 +179,8 @@ class GroupCommit(Generic[A, R]):
             _answer(item.future, result)
 
     async def _alone(self, item: _Item[A, R]) -> None:
-        """One write of a split batch, answered as soon as it is done, not when the
-        slowest of the others is."""
+        """One write run alone (a batch of one, or one of a split batch), answered as
+        soon as it is done, not when the slowest of the others is."""
         try:
             result: R | BaseException = await self._run_one(item.args)
         except asyncio.CancelledError:

@@ -53,7 +53,7 @@ from server.db import TRANSIENT_DB_ERRORS
 from server.outbox import Message, Outbox, OutboxClosed
 from server.services import Services
 from server.stores import BlobNotFound, StoreError
-from server.uploads import PartWriter, UploadRecord
+from server.uploads import PartWriter, UploadRecord, mark_retrieved
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +500,7 @@ class Session:
         work = asyncio.create_task(self.svc.uploads.put(self.user, self.device, frame))
         self._finishing.add(work)
         work.add_done_callback(self._finishing.discard)
-        work.add_done_callback(_seen)
+        work.add_done_callback(mark_retrieved)
         try:
             result = await asyncio.shield(work)
         finally:
@@ -778,12 +778,6 @@ class Session:
             return frames.error(ErrorCode.FORBIDDEN, "token is for another device", rid=frame.rid)
         self._set_expiry(claims.expires)
         return frames.ok(frame.rid)
-
-
-def _seen(task: asyncio.Task[Any]) -> None:
-    """A task that may outlive its requester: mark its failure as retrieved."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _close_awaitable(work: Awaitable[Any]) -> None:

@@ -92,6 +92,11 @@ class _NotStored(Exception):
     its puts run again one by one (each with its own outcome)."""
 
 
+#: A put batch rolls back on these: answered by PostgreSQL (nothing committed, the
+#: connection is sound), or a write to the store that failed or is late.
+_PUT_ROLLBACK: tuple[type[BaseException], ...] = (asyncpg.PostgresError, StoreError, _NotStored)
+
+
 class _NewPut(NamedTuple):
     """A new object's put, in the order of ``_PUT_BATCH``'s arrays."""
 
@@ -469,7 +474,7 @@ class Uploads:
         # batch commits once it is durable (``_put_batch``): a put waits for the
         # longer of the two, not for both one after the other.
         stored = self._spawn(self.store.put_bytes(key, frame.data))
-        stored.add_done_callback(_retrieved)
+        stored.add_done_callback(mark_retrieved)
         new = _NewPut(
             user,
             frame.upload,
@@ -569,40 +574,20 @@ class Uploads:
         the reservations the quota subquery reads.) Both run in a function, one
         round trip, where a transaction of two statements took four."""
         columns = list(zip(*(write.row for write in batch), strict=True))
-        async with self.pool.acquire() as conn:
-            tr = conn.transaction()
-            try:
-                await tr.start()
-                rows = await conn.fetch(_PUT_BATCH, *columns, float(self.settings.upload_ttl))
-                done = {r["pid"]: (r["object_id"], r["change_seq"]) for r in rows}
-                # The writes of the puts inserted (a refused put's data is no row's).
-                needed = [w.stored for w in batch if w.row.pid in done]
-                if needed:  # never cancels the writes
-                    await asyncio.wait(needed, timeout=LOCKED_STORE_WAIT)
-            except asyncpg.PostgresError:
-                await _rollback(conn, tr)  # answered: nothing of it committed
-                raise
-            except BaseException:  # lost or stalled: PostgreSQL rolls back on its own
-                with contextlib.suppress(Exception):
-                    conn.terminate()
-                raise
+        async with self.pool.acquire() as conn, _transaction(conn, _PUT_ROLLBACK):
+            rows = await conn.fetch(_PUT_BATCH, *columns, float(self.settings.upload_ttl))
+            done = {r["pid"]: (r["object_id"], r["change_seq"]) for r in rows}
+            # The writes of the puts inserted (a refused put's data is no row's).
+            needed = [w.stored for w in batch if w.row.pid in done]
+            if needed:  # never cancels the writes
+                await asyncio.wait(needed, timeout=LOCKED_STORE_WAIT)
             failed = [t for t in needed if not t.done() or t.cancelled() or t.exception()]
             if failed:
-                for write in batch:  # a refused put's data is no row's: never late
-                    late = write.row.pid in done and not write.stored.done()
-                    write.late = write.late or late
-                await _rollback(conn, tr)
+                for write in batch:
+                    write.late = write.late or (write.row.pid in done and not write.stored.done())
                 if len(batch) == 1 and failed[0].done():
                     _raise_if_failed(failed[0])  # its own error: the store's
                 raise _NotStored(f"{len(failed)} of {len(batch)} puts not stored yet")
-            try:
-                await tr.commit()
-            except asyncpg.PostgresError:
-                raise
-            except BaseException:  # may have committed: the caller finds out
-                with contextlib.suppress(Exception):
-                    conn.terminate()
-                raise
         return [done.get(write.row.pid) for write in batch]
 
     async def _put_revision(self, user: int, device: str | None, frame: Put) -> CommitResult:
@@ -1092,16 +1077,6 @@ async def _matches(part: PartSpec, data: bytes) -> bool:
     return digest == part.sha256
 
 
-async def _rollback(conn: asyncpg.Connection, tr: asyncpg.transaction.Transaction) -> None:
-    """Roll back, or end the connection if that fails (which rolls back too)."""
-    try:
-        await tr.rollback()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.terminate()
-        raise
-
-
 def _raise_if_failed(stored: asyncio.Task[None]) -> None:
     """The error of a put's write to the store, if it has one (it may be running)."""
     if not stored.done():
@@ -1113,8 +1088,9 @@ def _raise_if_failed(stored: asyncio.Task[None]) -> None:
         raise exc
 
 
-def _retrieved(task: asyncio.Task[Any]) -> None:
-    """A task whose failure its waiter may never look at: mark it retrieved."""
+def mark_retrieved(task: asyncio.Task[Any]) -> None:
+    """Done callback of a task whose failure its waiter may never look at (it may
+    outlive its requester): mark the failure retrieved, so it is not logged."""
     if not task.cancelled():
         task.exception()
 
@@ -1208,22 +1184,38 @@ def _part_columns(up: asyncpg.Record) -> list[list[Any]]:
 
 
 @contextlib.asynccontextmanager
-async def _transaction(conn: asyncpg.Connection) -> AsyncIterator[None]:
-    """A transaction that, when something other than our own refusal fails inside it,
-    drops the connection rather than waiting on a ROLLBACK a stalled server may never
+async def _transaction(
+    conn: asyncpg.Connection,
+    rollback_on: tuple[type[BaseException], ...] = (RequestError,),
+) -> AsyncIterator[None]:
+    """A transaction that, when something other than ``rollback_on`` (our own
+    refusals, whose connection is sound) fails inside it or at COMMIT, drops the
+    connection rather than waiting on a ROLLBACK a stalled server may never
     answer. PostgreSQL rolls back whatever did not commit when the connection ends."""
     tr = conn.transaction()
     await tr.start()
     try:
         yield
-    except RequestError:
-        await tr.rollback()
+    except rollback_on:
+        try:
+            await tr.rollback()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.terminate()
+            raise
         raise
     except BaseException:
         with contextlib.suppress(Exception):
             conn.terminate()
         raise
-    await tr.commit()
+    try:
+        await tr.commit()
+    except asyncpg.PostgresError:
+        raise  # answered: rolled back, the connection is sound
+    except BaseException:  # may have committed: the caller finds out
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        raise
 
 
 async def retire_partitions(conn: asyncpg.Connection, object_id: int, delay: float) -> None:
