@@ -159,7 +159,14 @@ class PartWriter:
     """
 
     def __init__(
-        self, spool_dir: Path, upload: str, index: int, size: int, sha256: bytes, lane: int = 0
+        self,
+        spool_dir: Path,
+        upload: str,
+        index: int,
+        size: int,
+        sha256: bytes,
+        lane: int = 0,
+        direct: bool = True,
     ) -> None:
         self.upload = upload
         self.index = index
@@ -168,6 +175,8 @@ class PartWriter:
         self.in_memory = size <= SMALL_PART
         #: The ingest thread a session writes this part on (``Uploads.ingest``).
         self.lane = lane
+        #: Spool with ``O_DIRECT`` (see ``BlobStore.spool_direct``).
+        self._direct = direct
         self._spool_dir = spool_dir
         self._path: Path | None = None
         #: Bytes accepted so far (advanced by the caller before the write runs).
@@ -207,7 +216,7 @@ class PartWriter:
             self._buffer += data
         else:
             if self._file is None:
-                self._file = SpoolFile(self.path)  # closed in finish/discard
+                self._file = SpoolFile(self.path, self._direct)  # closed in finish/discard
             self._file.write(data)
         self._hash.update(data)
         self._written += len(data)
@@ -216,7 +225,7 @@ class PartWriter:
         """Close the spool file; True when size and sha256 match the declaration."""
         if not self.in_memory:
             if self._file is None:
-                self._file = SpoolFile(self.path)
+                self._file = SpoolFile(self.path, self._direct)
             self._file.close()
         return self._written == self.size and self._hash.digest() == self.expected
 
@@ -280,6 +289,7 @@ class Uploads:
             rec.sizes[index],
             rec.hashes[index],
             lane=self.ingest.lane(),
+            direct=self.store.spool_direct,
         )
 
     # ------------------------------------------------------------- create
@@ -473,7 +483,7 @@ class Uploads:
         # The data goes to the store while the batch's statement runs, and the
         # batch commits once it is durable (``_put_batch``): a put waits for the
         # longer of the two, not for both one after the other.
-        stored = self._spawn(self.store.put_bytes(key, frame.data))
+        stored = self._spawn(self.store.put_bytes(key, frame.data, sha256=frame.part.sha256))
         stored.add_done_callback(mark_retrieved)
         new = _NewPut(
             user,
@@ -629,7 +639,8 @@ class Uploads:
                 upload=frame.upload,
                 part=0,
             )
-        await self.store.put_bytes(keys.staging_key(rec.user, rec.id, 0), frame.data)
+        key = keys.staging_key(rec.user, rec.id, 0)
+        await self.store.put_bytes(key, frame.data, sha256=frame.part.sha256)
         await self._mark_received(rec, 0)
 
     async def _prior_put(self, user: int, frame: Put) -> CommitResult | None:
@@ -683,10 +694,13 @@ class Uploads:
                     upload=rec.id,
                     part=writer.index,
                 )
+            # The digest it was just checked against: the store need not hash again.
             if writer.in_memory:
-                await self.store.put_bytes(key, writer.data)
+                await self.store.put_bytes(key, writer.data, sha256=writer.expected)
             else:
-                await self.store.put_file(key, writer.path, writer.size, move=True)
+                await self.store.put_file(
+                    key, writer.path, writer.size, move=True, sha256=writer.expected
+                )
         finally:
             await writer.call(writer.discard_blocking)
         await self._mark_received(rec, writer.index)

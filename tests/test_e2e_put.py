@@ -8,6 +8,7 @@ import hashlib
 import os
 import secrets
 import time
+from typing import Any
 
 import asyncpg
 import httpx
@@ -838,13 +839,13 @@ class _StoreGate:
         self._put_bytes = self._store.put_bytes
         self._event: asyncio.Event = server.call(_new_event)
 
-        async def gated(key: str, data: bytes) -> None:
+        async def gated(key: str, data: bytes, **kwargs: Any) -> None:
             if key.startswith(prefix) and fail is not None:
                 await asyncio.sleep(fail)
                 raise StoreError("disk full")
             if key.startswith(prefix):
                 await self._event.wait()
-            await self._put_bytes(key, data)
+            await self._put_bytes(key, data, **kwargs)
 
         monkeypatch.setattr(self._store, "put_bytes", gated)
 

@@ -1778,9 +1778,9 @@ def test_regression_part_stored_while_its_upload_is_aborted_is_left_staged(
     store = server.services.store
     put_bytes = store.put_bytes
 
-    async def slow_put_bytes(key: str, data: bytes) -> None:
+    async def slow_put_bytes(key: str, data: bytes, **kwargs: Any) -> None:
         await asyncio.sleep(0.2)
-        await put_bytes(key, data)
+        await put_bytes(key, data, **kwargs)
 
     monkeypatch.setattr(store, "put_bytes", slow_put_bytes)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import hashlib
+import io
 import os
 import socket
 import threading
@@ -90,14 +92,17 @@ def local_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.parametrize("hashed", [False, True], ids=["store-hashes", "caller-hashed"])
 @pytest.mark.parametrize("size", [0, 1, 70_000, 5 * MiB + 3, PART_SIZE, PART_SIZE + 1])
-async def test_put_file_roundtrip(store: BlobStore, tmp_path: Path, size: int) -> None:
+async def test_put_file_roundtrip(
+    store: BlobStore, tmp_path: Path, size: int, hashed: bool
+) -> None:
     data = os.urandom(size)
     src = tmp_path / "upload.bin"
     src.write_bytes(data)
     key = f"staging/u1/up1/{size}"
 
-    await store.put_file(key, src, size)
+    await store.put_file(key, src, size, sha256=hashlib.sha256(data).digest() if hashed else None)
 
     assert src.read_bytes() == data, "the source must be left in place"
     info = await store.stat(key)
@@ -168,7 +173,7 @@ async def test_read_rejects_negative_range(store: BlobStore) -> None:
 
 
 async def test_put_bytes(store: BlobStore) -> None:
-    await store.put_bytes("partitions/u1/a", b"hello")
+    await store.put_bytes("partitions/u1/a", b"hello", sha256=hashlib.sha256(b"hello").digest())
     await store.put_bytes("partitions/u1/empty", b"")
 
     assert await read_all(store, "partitions/u1/a") == b"hello"
@@ -453,6 +458,39 @@ async def test_s3_ping_silent_endpoint_times_out(monkeypatch: pytest.MonkeyPatch
             assert time.monotonic() - began < 3
         finally:
             await store.close()
+
+
+@pytest.mark.parametrize("secure", [False, True])
+@pytest.mark.parametrize("body", ["bytesio", "file"])
+async def test_s3_signs_with_the_callers_sha256_without_reading_the_body(
+    tmp_path: Path, secure: bool, body: str
+) -> None:
+    """miniopy-async hashes each body before sending it (SHA-256 over HTTP, MD5 over
+    HTTPS); a caller's verified digest replaces that pass, and is what gets signed."""
+    client = s3_module._Minio("s3.example:9000", "ak", "sk", secure=secure)
+    data = os.urandom(300_000)
+    digest = hashlib.sha256(b"not the data, to show it is taken as given").hexdigest()
+    path = tmp_path / "body"
+    path.write_bytes(data)
+    with path.open("rb") if body == "file" else io.BytesIO(data) as f:
+        creds = await client._provider.retrieve()  # type: ignore[union-attr]
+        headers, _ = await client._build_headers(
+            "s3.example:9000", {s3_module.CONTENT_SHA256: digest, "x-other": "1"}, f, creds
+        )
+        assert f.tell() == 0, "the body was read"
+    assert headers[s3_module.CONTENT_SHA256] == digest
+    assert headers["Content-Length"] == str(len(data))
+    assert "Content-MD5" not in headers
+    assert headers["x-other"] == "1"
+
+    # Without a digest, miniopy-async's own behaviour is unchanged.
+    plain, _ = await client._build_headers("s3.example:9000", {}, io.BytesIO(data), creds)
+    if secure:
+        assert plain[s3_module.CONTENT_SHA256] == "UNSIGNED-PAYLOAD"
+        assert "Content-MD5" in plain
+    else:
+        assert plain[s3_module.CONTENT_SHA256] == hashlib.sha256(data).hexdigest()
+    await client.close_session()
 
 
 def test_s3_endpoint_with_scheme_rejected() -> None:

@@ -47,15 +47,29 @@ class BlobStore(Protocol):
     async def ping(self) -> None:
         """Raise StoreError when the store is not reachable (used by /readyz)."""
 
-    async def put_file(self, key: str, path: Path, size: int, *, move: bool = False) -> None:
+    #: Whether spool files should go straight to the disk (``O_DIRECT``): true where
+    #: the store takes the file itself (a rename), so its one write is the one
+    #: that counts; false where the store only reads it back to send it on (S3),
+    #: and the page cache is the cheaper buffer (read back from memory, deleted
+    #: before it is ever written out).
+    spool_direct: bool
+
+    async def put_file(
+        self, key: str, path: Path, size: int, *, move: bool = False, sha256: bytes | None = None
+    ) -> None:
         """Store the file at ``path`` (exactly ``size`` bytes) under ``key``, durably.
 
         With ``move`` the store may take the file itself (a rename on the same
         filesystem) instead of copying it; the caller then must not rely on it.
         Otherwise the file is left in place and the caller removes it.
+
+        ``sha256`` is the digest of the bytes, when the caller has verified it: a
+        store that signs its payloads signs with it rather than hash the bytes
+        again, and then refuses bytes that do not match it.
         """
 
-    async def put_bytes(self, key: str, data: bytes) -> None: ...
+    async def put_bytes(self, key: str, data: bytes, *, sha256: bytes | None = None) -> None:
+        """Store ``data`` under ``key``, durably; ``sha256`` as for ``put_file``."""
 
     async def copy(self, src: str, dst: str) -> None:
         """Server-side copy; raises BlobNotFound when ``src`` is missing."""

@@ -423,6 +423,8 @@ class LocalStore:
     #: A put is a rename and two fsyncs, holding nothing in memory. With 2 at a
     #: time (the S3 bound) a 1 GiB upload's parts waited up to 1.2 s for their turn.
     parallel_puts = 8
+    #: A spooled part is renamed into place: written once, straight to the disk.
+    spool_direct = True
 
     def __init__(self, root: Path, *, group_sync: bool = True) -> None:
         self.root = Path(root)
@@ -455,7 +457,10 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"blob directory {self.root} is not writable: {exc}") from exc
 
-    async def put_file(self, key: str, path: Path, size: int, *, move: bool = False) -> None:
+    async def put_file(
+        self, key: str, path: Path, size: int, *, move: bool = False, sha256: bytes | None = None
+    ) -> None:
+        # ``sha256`` is not used: the bytes never leave this process's hands.
         if move and await self._move_in(key, path, size):
             return
 
@@ -467,7 +472,7 @@ class LocalStore:
 
         await self._put(key, fill)
 
-    async def put_bytes(self, key: str, data: bytes) -> None:
+    async def put_bytes(self, key: str, data: bytes, *, sha256: bytes | None = None) -> None:
         if self._group is not None and len(data) <= self._group.MAX_BYTES:
             dest = self._path(key)
             try:

@@ -13,13 +13,14 @@ import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import aiohttp
 from aiohttp_retry import ExponentialRetry, RetryClient
 from miniopy_async import Minio
 from miniopy_async.commonconfig import CopySource
+from miniopy_async.credentials import Credentials
 from miniopy_async.deleteobjects import DeleteObject
 from miniopy_async.error import MinioException, S3Error
 
@@ -40,6 +41,49 @@ MAX_CONNECTIONS = 64
 
 _MISSING = ("NoSuchKey", "NoSuchObject")
 
+#: The signed payload hash of a PUT (SigV4). A caller that knows the body's
+#: SHA-256 passes it under this header and the client sends it as is.
+CONTENT_SHA256 = "x-amz-content-sha256"
+
+
+class _Minio(Minio):
+    """miniopy-async, signing a PUT with the body's SHA-256 when the caller has it.
+
+    miniopy-async reads every body once more before it is sent: SHA-256 over HTTP
+    (8 KiB reads in a worker thread), MD5 over HTTPS. Tessera verified the SHA-256
+    of every part as it arrived, so it signs with that instead: no second pass over
+    the bytes, and S3 or MinIO refuses a body that does not match it
+    (``XAmzContentSHA256Mismatch``), so corruption between here and the store is
+    caught at the store.
+    """
+
+    async def _build_headers(
+        self,
+        host: str,
+        headers: Any,
+        body: bytes | BinaryIO | None,
+        creds: Credentials | None,
+    ) -> tuple[dict[str, str], Any]:
+        known = headers.get(CONTENT_SHA256) if headers else None
+        if known is None or body is None or creds is None:
+            return await super()._build_headers(host, headers, body, creds)
+        # Without the body, the parent neither hashes it nor (for BytesIO) asks for
+        # its buffer, which copies a BytesIO made from bytes.
+        built, date = await super()._build_headers(host, headers, None, creds)
+        built["Content-Length"] = str(_length(body))
+        built[CONTENT_SHA256] = known
+        built.pop("Content-MD5", None)
+        return built, date
+
+
+def _length(body: bytes | BinaryIO) -> int:
+    if isinstance(body, bytes):
+        return len(body)
+    at = body.tell()
+    end = body.seek(0, io.SEEK_END)
+    body.seek(at)
+    return end - at
+
 
 @contextlib.contextmanager
 def _translate(what: str) -> Iterator[None]:
@@ -56,7 +100,9 @@ def _translate(what: str) -> Iterator[None]:
 
 class S3Store:
     #: Each put holds up to one part (PART_SIZE) in memory.
-    parallel_puts = 2
+    parallel_puts = 4
+    #: A spooled part is read back and sent: the page cache is the better buffer.
+    spool_direct = False
 
     def __init__(
         self,
@@ -77,7 +123,7 @@ class S3Store:
             )
         self.endpoint = endpoint
         # A fixed region spares a GetBucketLocation round trip before each request.
-        self._client = Minio(
+        self._client = _Minio(
             endpoint,
             access_key=access_key or None,
             secret_key=secret_key or None,
@@ -139,7 +185,9 @@ class S3Store:
         except TimeoutError as exc:
             raise StoreError(f"S3 endpoint {self.endpoint} did not answer in time") from exc
 
-    async def put_file(self, key: str, path: Path, size: int, *, move: bool = False) -> None:
+    async def put_file(
+        self, key: str, path: Path, size: int, *, move: bool = False, sha256: bytes | None = None
+    ) -> None:
         bucket, name = self._locate(key)
         try:
             f = await asyncio.to_thread(open, path, "rb")
@@ -149,35 +197,45 @@ class S3Store:
             actual = (await asyncio.to_thread(os.fstat, f.fileno())).st_size
             if actual != size:
                 raise StoreError(f"{path} has {actual} bytes, expected {size}")
-            await self._upload(bucket, name, size, partial(asyncio.to_thread, f.read))
+            if size <= PART_SIZE:
+                # aiohttp streams the file (in worker threads), so no part is held
+                # in memory; it also closes the file.
+                await self._put_one(bucket, name, f, size, sha256)
+            else:
+                read = f.read
+                await self._upload_parts(bucket, name, size, lambda n: asyncio.to_thread(read, n))
         finally:
             await asyncio.to_thread(f.close)
 
-    async def put_bytes(self, key: str, data: bytes) -> None:
+    async def put_bytes(self, key: str, data: bytes, *, sha256: bytes | None = None) -> None:
         bucket, name = self._locate(key)
         buf = io.BytesIO(data)
+        if len(data) <= PART_SIZE:
+            await self._put_one(bucket, name, buf, len(data), sha256)
+            return
 
         async def read(n: int) -> bytes:
             return buf.read(n)
 
-        await self._upload(bucket, name, len(data), read)
+        await self._upload_parts(bucket, name, len(data), read)
 
-    async def _upload(
+    async def _put_one(
+        self, bucket: str, name: str, body: BinaryIO, size: int, sha256: bytes | None
+    ) -> None:
+        """One PUT. Bodies go to aiohttp as file objects, which it streams; raw bytes
+        over 1 MiB make it warn about blocking the loop."""
+        headers = {CONTENT_SHA256: sha256.hex()} if sha256 is not None else None
+        with _translate(f"put {name}"):
+            # part_size == length is miniopy-async's single-PUT path.
+            await self._client.put_object(
+                bucket, name, body, size, part_size=size, metadata=headers
+            )
+
+    async def _upload_parts(
         self, bucket: str, name: str, size: int, read: Callable[[int], Awaitable[bytes]]
     ) -> None:
-        """Upload ``size`` bytes from ``read``, holding at most one part in memory.
-
-        Bodies go to aiohttp as BytesIO, which it streams; raw bytes over 1 MiB make
-        it warn about blocking the loop (which miniopy-async's put_object triggers).
-        """
-        if size <= PART_SIZE:
-            data = await read(size)
-            if len(data) != size:
-                raise StoreError(f"{name}: source ended after {len(data)} of {size} bytes")
-            with _translate(f"put {name}"):
-                # part_size == length is miniopy-async's single-PUT path.
-                await self._client.put_object(bucket, name, io.BytesIO(data), size, part_size=size)
-            return
+        """A multipart upload of ``size`` bytes from ``read``, holding at most one part
+        in memory."""
         uploader = self._client.multipart_uploader(bucket, name)
         started = False
         try:
