@@ -33,7 +33,10 @@ def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
         "ws_per_message_deflate": False,
         "ws_ping_interval": settings.ws_ping_interval,
         "ws_ping_timeout": settings.ws_ping_timeout,
-        "proxy_headers": False,
+        # Only a trusted proxy's X-Forwarded-For is believed; anyone else could
+        # name any address and so escape the login throttle.
+        "proxy_headers": bool(settings.proxies),
+        "forwarded_allow_ips": settings.proxies or None,
         "server_header": False,
     }
     options.update(overrides)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -152,6 +153,14 @@ class Settings:
     argon2_memory_cost: int = field(default=65536, metadata=_h("Argon2id memory, KiB"))
     migrate: bool = field(default=True, metadata=_h("apply migrations when serving"))
     log_level: str = field(default="info", metadata=_h("debug, info, warning or error"))
+    trusted_proxies: str = field(
+        default="",
+        metadata=_h(
+            "comma-separated addresses or networks of reverse proxies whose "
+            "X-Forwarded-For and X-Forwarded-Proto are believed; empty: none, the TCP "
+            "peer is the client (login throttling is per client address)"
+        ),
+    )
 
     @property
     def limits(self) -> Limits:
@@ -218,6 +227,18 @@ class Settings:
             raise ValueError("ingest_threads must be 0 (one per core) or more")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        for entry in self.proxies:
+            try:
+                ipaddress.ip_network(entry)  # strict, as uvicorn reads it
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {entry!r} is not an IP address or network"
+                ) from None
+
+    @property
+    def proxies(self) -> list[str]:
+        """``trusted_proxies`` as a list."""
+        return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
 
 
 def env_name(field_name: str) -> str:

@@ -79,6 +79,43 @@ async def test_login_throttled_per_address_across_accounts(make_server, db):
         assert r.status_code == 429 and "retry-after" in r.headers
 
 
+@pytest.mark.parametrize("trusted", [True, False], ids=["proxy-trusted", "peer-untrusted"])
+async def test_login_throttle_believes_forwarded_for_only_from_trusted_proxies(
+    make_server, db, trusted
+):
+    """Behind a reverse proxy every client has the proxy's address. With the proxy
+    trusted, each client is throttled on its own X-Forwarded-For address; from any
+    other peer the header is ignored, or a guesser could name a fresh address for
+    every guess."""
+    await db.execute("DELETE FROM auth_failures")
+    server = make_server(
+        login_max_failures=3, login_window=30, trusted_proxies="127.0.0.1" if trusted else ""
+    )
+    names = [unique("proxied") for _ in range(3)]
+    for name in names:
+        await register_login(server.http, name)
+    guesser = {"X-Forwarded-For": "203.0.113.7"}
+    other = {"X-Forwarded-For": "198.51.100.20, 203.0.113.8"}  # client, then a proxy
+
+    async def login(name: str, password: str, headers: dict[str, str]) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server.http, headers=headers) as http:
+            return await attempt(http, name, password)
+
+    try:
+        for i in range(3):  # spread over accounts: no account reaches its own limit
+            assert (await login(names[i % 2], "wrong password", guesser)).status_code == 401
+        assert (await login(names[2], PASSWORD, guesser)).status_code == 429
+        r = await login(names[2], PASSWORD, other)
+        if trusted:  # the proxy appended the peer it saw: that is the client
+            assert r.status_code == 200, r.text
+            counted = {k for (k,) in await db.fetch("SELECT key FROM auth_failures")}
+            assert "addr:203.0.113.7" in counted and "addr:127.0.0.1" not in counted
+        else:
+            assert r.status_code == 429  # one peer, whatever it claims
+    finally:
+        await db.execute("DELETE FROM auth_failures")
+
+
 async def test_frame_rate_refuses_excess_requests_and_the_session_survives(make_server):
     server = make_server(frame_rate=20)
     tokens = await register_login(server.http, unique("flood"))

@@ -132,6 +132,20 @@ def test_invalid_log_level_is_rejected():
         Settings.from_sources([], {"TESSERA_LOG_LEVEL": "loud"})
 
 
+@pytest.mark.parametrize("raw", ["proxy.internal", "10.0.0.1/8", "10.0.0.0/8, nonsense"])
+def test_trusted_proxies_must_be_addresses_or_networks(raw):
+    # uvicorn would take a name or a network with host bits for a literal that
+    # never matches, and the proxy's clients would silently share one address.
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        Settings.from_sources([], {"TESSERA_TRUSTED_PROXIES": raw})
+
+
+def test_trusted_proxies_are_a_list():
+    settings = Settings.from_sources(["--trusted-proxies", "10.0.0.0/8, ::1,"])
+    assert settings.proxies == ["10.0.0.0/8", "::1"]
+    assert Settings.from_sources([]).proxies == []
+
+
 @pytest.mark.parametrize(
     "env",
     [
@@ -169,6 +183,8 @@ def _other_value(name: str) -> tuple[str, Any]:
         return "/tmp/elsewhere", Path("/tmp/elsewhere")
     if name == "log_level":
         return "debug", "debug"
+    if name == "trusted_proxies":
+        return "10.0.0.0/8", "10.0.0.0/8"
     return "some-value", "some-value"
 
 
