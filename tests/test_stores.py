@@ -5,6 +5,7 @@ talking to a real S3 endpoint (a moto server process, or MinIO from the environm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -16,8 +17,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
+import yarl
+from aiohttp import web
 
 from server.settings import Settings
 from server.stores import (
@@ -418,6 +422,115 @@ async def test_s3_bucket_creation_and_missing_bucket(
             await eager.ping()
         finally:
             await eager.close()
+
+
+SLOW_DOWN = (
+    '<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    "<Message>Please reduce your request rate.</Message><RequestId>1</RequestId></Error>"
+)
+
+
+@contextlib.asynccontextmanager
+async def _flaky_front(
+    config: S3Config, fail_puts: int
+) -> AsyncIterator[tuple[str, list[tuple[int, int]]]]:
+    """A real HTTP front for the S3 endpoint: it answers the first ``fail_puts`` PUTs
+    with 503 SlowDown (after reading their bodies, as S3 does) and passes every
+    other request through unchanged (Host too, so signatures still match). Yields
+    its address and, per PUT it saw, the status it answered and the body length
+    it received."""
+    puts: list[tuple[int, int]] = []
+    scheme = "https" if config.secure else "http"
+    hop = {"content-length", "transfer-encoding", "connection", "keep-alive"}
+    async with aiohttp.ClientSession(auto_decompress=False) as upstream:
+
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            if request.method == "PUT" and len(puts) < fail_puts:
+                puts.append((503, len(body)))
+                return web.Response(status=503, text=SLOW_DOWN, content_type="application/xml")
+            url = yarl.URL(f"{scheme}://{config.endpoint}{request.raw_path}", encoded=True)
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in hop}
+            async with upstream.request(request.method, url, headers=headers, data=body) as r:
+                data = await r.read()
+                if request.method == "PUT":
+                    puts.append((r.status, len(body)))
+                back = {k: v for k, v in r.headers.items() if k.lower() not in hop}
+                return web.Response(status=r.status, body=data, headers=back)
+
+        app = web.Application(client_max_size=64 * MiB)
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            yield f"127.0.0.1:{port}", puts
+        finally:
+            await runner.cleanup()
+
+
+@pytest.mark.parametrize("how", ["file", "bytes", "copy", "multipart"])
+async def test_s3_put_answered_503_is_sent_again_whole(
+    s3_config: S3Config, s3_buckets: S3Buckets, tmp_path: Path, how: str
+) -> None:
+    """A PUT the store refuses with a server error (503 SlowDown, 500) is sent again,
+    body and all. The HTTP client's own retry resent a spent body: a file closed by
+    the first attempt, or a BytesIO at its end, sending nothing for a signed length."""
+
+    def build(endpoint: str, create: bool) -> S3Store:
+        return S3Store(
+            endpoint,
+            s3_config.access_key,
+            s3_config.secret_key,
+            secure=s3_config.secure,
+            region=s3_config.region,
+            staging_bucket=s3_buckets.staging,
+            partitions_bucket=s3_buckets.partitions,
+            create_buckets=create,
+        )
+
+    direct = build(s3_config.endpoint, True)
+    await direct.start()
+    data = os.urandom(PART_SIZE + 5 if how == "multipart" else 3 * MiB + 5)
+    src = tmp_path / "part"
+    src.write_bytes(data)
+    digest = hashlib.sha256(data).digest()
+    if how == "copy":
+        await direct.put_bytes("staging/u1/up/0", data)
+    try:
+        async with _flaky_front(s3_config, fail_puts=2) as (endpoint, puts):
+            flaky = build(endpoint, False)
+            await flaky.start()
+            try:
+                began = time.monotonic()
+                if how in ("file", "multipart"):
+                    await flaky.put_file("partitions/u1/9", src, len(data), sha256=digest)
+                elif how == "bytes":
+                    await flaky.put_bytes("partitions/u1/9", data, sha256=digest)
+                else:
+                    await flaky.copy("staging/u1/up/0", "partitions/u1/9")
+                assert time.monotonic() - began < 10, "a spent body stalled a retry"
+            finally:
+                await flaky.close()
+        body = {"copy": 0, "multipart": PART_SIZE}.get(how, len(data))
+        expected = [(503, body), (503, body), (200, body)]  # each try with the whole body
+        # A multipart upload is started over: miniopy-async aborts it when a part fails.
+        assert puts == expected + ([(200, 5)] if how == "multipart" else [])
+        assert await read_all(direct, "partitions/u1/9") == data
+
+        async with _flaky_front(s3_config, fail_puts=100) as (endpoint, puts):
+            flaky = build(endpoint, False)
+            await flaky.start()
+            try:
+                with pytest.raises(StoreError, match="SlowDown"):
+                    await flaky.put_file("partitions/u1/10", src, len(data), sha256=digest)
+            finally:
+                await flaky.close()
+        assert len(puts) == s3_module.PUT_ATTEMPTS
+    finally:
+        await direct.close()
 
 
 async def test_s3_ping_dead_endpoint_fails_fast() -> None:

@@ -24,7 +24,7 @@ from miniopy_async.commonconfig import CopySource
 from miniopy_async.credentials import Credentials
 from miniopy_async.datatypes import parse_copy_object
 from miniopy_async.deleteobjects import DeleteObject
-from miniopy_async.error import MinioException, S3Error
+from miniopy_async.error import MinioException, S3Error, ServerError
 
 from server.stores.base import BlobInfo, BlobNotFound, Piece, StoreError
 from server.stores.local import area_prefixes, check_key, check_prefix, check_range
@@ -40,6 +40,13 @@ READ_TIMEOUT = 60.0
 PING_TIMEOUT = 5.0
 #: Concurrent connections to the endpoint; every streaming download holds one.
 MAX_CONNECTIONS = 64
+#: Tries of a PUT (a write or a copy) that the endpoint answers with a server
+#: error (503 SlowDown, 500), and the first pause between them (doubling).
+PUT_ATTEMPTS = 3
+PUT_BACKOFF = 0.2
+#: Statuses retried: by the HTTP client for requests without a streamed body, and
+#: by ``_again`` for PUTs.
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
 _MISSING = ("NoSuchKey", "NoSuchObject")
 
@@ -69,8 +76,7 @@ class _Minio(Minio):
         known = headers.get(CONTENT_SHA256) if headers else None
         if known is None or body is None or creds is None:
             return await super()._build_headers(host, headers, body, creds)
-        # Without the body, the parent neither hashes it nor (for BytesIO) asks for
-        # its buffer, which copies a BytesIO made from bytes.
+        # Without the body, the parent does not hash it.
         built, date = await super()._build_headers(host, headers, None, creds)
         built["Content-Length"] = str(_length(body))
         built[CONTENT_SHA256] = known
@@ -92,6 +98,14 @@ class _Minio(Minio):
             parse_copy_object(text)  # a 200 may still carry an <Error> instead
         except (ElementTree.ParseError, ValueError) as exc:
             raise StoreError(f"copy to {name}: unexpected answer {text[:200]!r}") from exc
+
+
+def _server_error(exc: BaseException | None) -> bool:
+    """Whether the endpoint answered with a status worth another try."""
+    if isinstance(exc, S3Error):
+        response = getattr(exc, "response", None)
+        return response is not None and response.status in RETRY_STATUSES
+    return isinstance(exc, ServerError) and exc.status_code in RETRY_STATUSES
 
 
 def _length(body: bytes | BinaryIO) -> int:
@@ -117,7 +131,8 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class S3Store:
-    #: Each put holds up to one part (PART_SIZE) in memory.
+    #: A put streams its file (up to PART_SIZE; above it, one PART_SIZE piece is
+    #: held at a time). With 2 at a time, parts queued behind the endpoint.
     parallel_puts = 4
     #: A spooled part is read back and sent: the page cache is the better buffer.
     spool_direct = False
@@ -164,7 +179,15 @@ class S3Store:
                 total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
             ),
         )
-        retry = ExponentialRetry(attempts=3, factor=0.2, statuses={500, 502, 503, 504})
+        # Not PUT: its body (a file, a BytesIO) is spent by the first attempt, and
+        # a resend would send nothing (or fail on the closed file) under the length
+        # and hash already signed. PUTs are tried again by ``_again``, whole.
+        retry = ExponentialRetry(
+            attempts=PUT_ATTEMPTS,
+            factor=PUT_BACKOFF,
+            statuses=set(RETRY_STATUSES),
+            methods={"GET", "HEAD", "DELETE", "POST"},  # POST bodies are bytes
+        )
         await self._client.close_session()  # a second start must not leak the first session
         self._client.set_session(RetryClient(client_session=session, retry_options=retry))
         if not self._create_buckets:
@@ -207,6 +230,34 @@ class S3Store:
         self, key: str, path: Path, size: int, *, move: bool = False, sha256: bytes | None = None
     ) -> None:
         bucket, name = self._locate(key)
+        if size > PART_SIZE:
+            await self._put_large_file(bucket, name, path, size)
+            return
+
+        async def attempt() -> None:
+            # Opened per attempt: aiohttp streams the file (no part is held in
+            # memory) and closes it when the request ends.
+            f = await self._open(path, size)
+            try:
+                await self._put_one(bucket, name, f, size, sha256)
+            finally:
+                await asyncio.to_thread(f.close)
+
+        await self._again(f"put {name}", attempt)
+
+    async def _put_large_file(self, bucket: str, name: str, path: Path, size: int) -> None:
+        async def attempt() -> None:
+            f = await self._open(path, size)
+            try:
+                read = f.read
+                await self._upload_parts(bucket, name, size, lambda n: asyncio.to_thread(read, n))
+            finally:
+                await asyncio.to_thread(f.close)
+
+        await self._again(f"put {name}", attempt)
+
+    @staticmethod
+    async def _open(path: Path, size: int) -> BinaryIO:
         try:
             f = await asyncio.to_thread(open, path, "rb")
         except OSError as exc:
@@ -215,27 +266,29 @@ class S3Store:
             actual = (await asyncio.to_thread(os.fstat, f.fileno())).st_size
             if actual != size:
                 raise StoreError(f"{path} has {actual} bytes, expected {size}")
-            if size <= PART_SIZE:
-                # aiohttp streams the file (in worker threads), so no part is held
-                # in memory; it also closes the file.
-                await self._put_one(bucket, name, f, size, sha256)
-            else:
-                read = f.read
-                await self._upload_parts(bucket, name, size, lambda n: asyncio.to_thread(read, n))
-        finally:
+        except BaseException:
             await asyncio.to_thread(f.close)
+            raise
+        return f
 
     async def put_bytes(self, key: str, data: bytes, *, sha256: bytes | None = None) -> None:
         bucket, name = self._locate(key)
-        buf = io.BytesIO(data)
         if len(data) <= PART_SIZE:
-            await self._put_one(bucket, name, buf, len(data), sha256)
+            await self._again(
+                f"put {name}",
+                lambda: self._put_one(bucket, name, io.BytesIO(data), len(data), sha256),
+            )
             return
 
-        async def read(n: int) -> bytes:
-            return buf.read(n)
+        async def attempt() -> None:
+            buf = io.BytesIO(data)
 
-        await self._upload_parts(bucket, name, len(data), read)
+            async def read(n: int) -> bytes:
+                return buf.read(n)
+
+            await self._upload_parts(bucket, name, len(data), read)
+
+        await self._again(f"put {name}", attempt)
 
     async def _put_one(
         self, bucket: str, name: str, body: BinaryIO, size: int, sha256: bytes | None
@@ -243,17 +296,30 @@ class S3Store:
         """One PUT. Bodies go to aiohttp as file objects, which it streams; raw bytes
         over 1 MiB make it warn about blocking the loop."""
         headers = {CONTENT_SHA256: sha256.hex()} if sha256 is not None else None
-        with _translate(f"put {name}"):
-            # part_size == length is miniopy-async's single-PUT path.
-            await self._client.put_object(
-                bucket, name, body, size, part_size=size, metadata=headers
-            )
+        # part_size == length is miniopy-async's single-PUT path.
+        await self._client.put_object(bucket, name, body, size, part_size=size, metadata=headers)
+
+    @staticmethod
+    async def _again(what: str, attempt: Callable[[], Awaitable[object]]) -> None:
+        """Run ``attempt`` (one PUT, its body made afresh) until the endpoint stops
+        answering with a server error, at most PUT_ATTEMPTS times. Writes and copies
+        are idempotent: the key gets the same bytes whichever attempt lands."""
+        for n in range(PUT_ATTEMPTS):
+            try:
+                with _translate(what):
+                    await attempt()
+                return
+            except StoreError as exc:
+                if n + 1 == PUT_ATTEMPTS or not _server_error(exc.__cause__):
+                    raise
+            await asyncio.sleep(PUT_BACKOFF * 2**n)
 
     async def _upload_parts(
         self, bucket: str, name: str, size: int, read: Callable[[int], Awaitable[bytes]]
     ) -> None:
         """A multipart upload of ``size`` bytes from ``read``, holding at most one part
-        in memory."""
+        in memory. miniopy-async aborts the whole upload when a part fails, so a
+        retry (``_again``) starts it over."""
         uploader = self._client.multipart_uploader(bucket, name)
         started = False
         try:
@@ -276,8 +342,8 @@ class S3Store:
     async def copy(self, src: str, dst: str) -> None:
         src_bucket, src_name = self._locate(src)
         dst_bucket, dst_name = self._locate(dst)
-        with _translate(src):
-            await self._client.copy_small(dst_bucket, dst_name, CopySource(src_bucket, src_name))
+        source = CopySource(src_bucket, src_name)
+        await self._again(src, lambda: self._client.copy_small(dst_bucket, dst_name, source))
 
     async def stat(self, key: str) -> BlobInfo | None:
         bucket, name = self._locate(key)
