@@ -214,7 +214,9 @@ def endpoint(handler: Handler) -> Handler:
 
 def _address(request: Request) -> str:
     """The peer's address, for throttling per address ("" when unknown)."""
-    return request.client.host if request.client else ""
+    # Capped: from a trusted proxy it is what the proxy reports, and it becomes a
+    # key in PostgreSQL (an IPv6 address is at most 45 characters).
+    return request.client.host[:64] if request.client else ""
 
 
 @endpoint

@@ -674,7 +674,7 @@ class Session:
         key = (writer.upload, writer.index)
         writer.storing = True
         try:
-            async with self._storing:  # bounds the parts (and S3 bodies) in memory at once
+            async with self._storing:  # parts this session stores at once
                 await self.svc.uploads.store_part(record, writer)
             self.outbox.send(frames.part_ok(writer.upload, writer.index))
         except RequestError as exc:

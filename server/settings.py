@@ -229,11 +229,13 @@ class Settings:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         for entry in self.proxies:
             try:
-                ipaddress.ip_network(entry)  # strict, as uvicorn reads it
+                network = ipaddress.ip_network(entry)  # strict, as uvicorn reads it
             except ValueError:
                 raise ValueError(
                     f"trusted_proxies: {entry!r} is not an IP address or network"
                 ) from None
+            if network.prefixlen == 0:  # every client could then claim any address
+                raise ValueError(f"trusted_proxies: {entry!r} would trust every peer")
 
     @property
     def proxies(self) -> list[str]:

@@ -1,11 +1,13 @@
 """Spool files written with direct I/O, where the filesystem allows it.
 
-A spooled part is fsynced before it counts as stored, so its bytes go to the
-disk at once either way. Through the page cache they are copied twice (into
-the cache, then to the disk) and the kernel allocates and charges a page per
-4 KiB on the way in: in a profile of a 1 GiB upload that copy was 15 % of the
-server's CPU, more than the event loop's WebSocket parsing. With ``O_DIRECT``
-the disk reads straight from one aligned buffer per thread.
+Used where the store takes the spool file itself (``BlobStore.spool_direct``:
+the local store renames it into place). Such a part is fsynced before it
+counts as stored, so its bytes go to the disk at once either way. Through
+the page cache they are copied twice (into the cache, then to the disk) and
+the kernel allocates and charges a page per 4 KiB on the way in: in a profile
+of a 1 GiB upload that copy was 15 % of the server's CPU, more than the event
+loop's WebSocket parsing. With ``O_DIRECT`` the disk reads straight from one
+aligned buffer per thread.
 
 Direct I/O needs the buffer, the file offset and the length aligned to the
 device's block. Writes are staged in that buffer and written in whole blocks;

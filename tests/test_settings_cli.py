@@ -132,7 +132,9 @@ def test_invalid_log_level_is_rejected():
         Settings.from_sources([], {"TESSERA_LOG_LEVEL": "loud"})
 
 
-@pytest.mark.parametrize("raw", ["proxy.internal", "10.0.0.1/8", "10.0.0.0/8, nonsense"])
+@pytest.mark.parametrize(
+    "raw", ["proxy.internal", "10.0.0.1/8", "10.0.0.0/8, nonsense", "0.0.0.0/0", "::/0"]
+)
 def test_trusted_proxies_must_be_addresses_or_networks(raw):
     # uvicorn would take a name or a network with host bits for a literal that
     # never matches, and the proxy's clients would silently share one address.

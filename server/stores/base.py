@@ -34,9 +34,9 @@ class BlobInfo:
 
 
 class BlobStore(Protocol):
-    #: Parts one session may be storing at once. Where a put holds the part in
-    #: memory (S3) this bounds the memory; where it is a rename it only keeps
-    #: fsyncs from queueing behind each other.
+    #: Parts one session may be storing at once: enough that parts do not queue
+    #: behind the store's latency (S3) or each other's fsyncs (local). Chunk data
+    #: in memory is bounded by the credit window, not by this.
     parallel_puts: int
 
     async def start(self) -> None:

@@ -421,7 +421,7 @@ class LocalStore:
     """Objects are plain files at ``root/<key>``."""
 
     #: A put is a rename and two fsyncs, holding nothing in memory. With 2 at a
-    #: time (the S3 bound) a 1 GiB upload's parts waited up to 1.2 s for their turn.
+    #: time a 1 GiB upload's parts waited up to 1.2 s for their turn.
     parallel_puts = 8
     #: A spooled part is renamed into place: written once, straight to the disk.
     spool_direct = True
