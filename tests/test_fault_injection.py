@@ -119,15 +119,7 @@ async def rig(database_url: str, s3_config: S3Config, s3_buckets: S3Buckets) -> 
     host, port = s3_config.endpoint.rsplit(":", 1)
     pg = FaultProxy(pg_upstream(database_url), "pg-proxy").start()
     s3 = FaultProxy((host, int(port)), "s3-proxy").start()
-    store = S3Store(
-        s3_config.endpoint,
-        s3_config.access_key,
-        s3_config.secret_key,
-        secure=s3_config.secure,
-        region=s3_config.region,
-        staging_bucket=s3_buckets.staging,
-        partitions_bucket=s3_buckets.partitions,
-    )
+    store = s3_config.store(s3_buckets)
     await store.start()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     assert pool is not None

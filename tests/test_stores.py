@@ -63,15 +63,7 @@ def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Bl
         return lambda: LocalStore(tmp_path / "blobs")
     config: S3Config = request.getfixturevalue("s3_config")
     buckets: S3Buckets = request.getfixturevalue("s3_buckets")
-    return lambda: S3Store(
-        config.endpoint,
-        config.access_key,
-        config.secret_key,
-        secure=config.secure,
-        region=config.region,
-        staging_bucket=buckets.staging,
-        partitions_bucket=buckets.partitions,
-    )
+    return lambda: config.store(buckets)
 
 
 @pytest.fixture
@@ -396,16 +388,7 @@ async def test_s3_bucket_creation_and_missing_bucket(
     s3_config: S3Config, s3_buckets: S3Buckets
 ) -> None:
     def build(create: bool) -> S3Store:
-        return S3Store(
-            s3_config.endpoint,
-            s3_config.access_key,
-            s3_config.secret_key,
-            secure=s3_config.secure,
-            region=s3_config.region,
-            staging_bucket=s3_buckets.staging,
-            partitions_bucket=s3_buckets.partitions,
-            create_buckets=create,
-        )
+        return s3_config.store(s3_buckets, create_buckets=create)
 
     lazy = build(create=False)
     await lazy.start()
@@ -480,16 +463,7 @@ async def test_s3_put_answered_503_is_sent_again_whole(
     the first attempt, or a BytesIO at its end, sending nothing for a signed length."""
 
     def build(endpoint: str, create: bool) -> S3Store:
-        return S3Store(
-            endpoint,
-            s3_config.access_key,
-            s3_config.secret_key,
-            secure=s3_config.secure,
-            region=s3_config.region,
-            staging_bucket=s3_buckets.staging,
-            partitions_bucket=s3_buckets.partitions,
-            create_buckets=create,
-        )
+        return s3_config.store(s3_buckets, endpoint=endpoint, create_buckets=create)
 
     direct = build(s3_config.endpoint, True)
     await direct.start()

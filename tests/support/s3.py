@@ -28,6 +28,8 @@ from miniopy_async import Minio
 from miniopy_async.deleteobjects import DeleteObject
 from miniopy_async.error import MinioException
 
+from server.stores import S3Store
+
 ENV_PREFIX = "TESSERA_TEST_S3_"
 STARTUP_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
@@ -48,6 +50,21 @@ class S3Config:
             secret_key=self.secret_key,
             secure=self.secure,
             region=self.region,
+        )
+
+    def store(
+        self, buckets: S3Buckets, *, endpoint: str | None = None, create_buckets: bool = True
+    ) -> S3Store:
+        """The server's store on this endpoint (or on ``endpoint``, a front for it)."""
+        return S3Store(
+            endpoint or self.endpoint,
+            self.access_key,
+            self.secret_key,
+            secure=self.secure,
+            region=self.region,
+            staging_bucket=buckets.staging,
+            partitions_bucket=buckets.partitions,
+            create_buckets=create_buckets,
         )
 
 
