@@ -74,10 +74,13 @@ class RestApi:
         _raise_for(r)
         return int(r.json()["user"])
 
-    async def login(self, username: str, password: str, device: str) -> dict[str, Any]:
-        r = await self._http.post(
-            "/v1/auth/login", json={"username": username, "password": password, "device": device}
-        )
+    async def login(
+        self, username: str, password: str, device: str, device_name: str | None = None
+    ) -> dict[str, Any]:
+        body = {"username": username, "password": password, "device": device}
+        if device_name is not None:
+            body["device_name"] = device_name
+        r = await self._http.post("/v1/auth/login", json=body)
         _raise_for(r)
         return dict(r.json())
 

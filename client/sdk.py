@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -105,8 +106,10 @@ class Tessera:
         """Log this device in; create the user's master key on the very first login."""
         device = self.state.device_id()
         secret = await asyncio.to_thread(crypto.login_secret, username, password)
+        # The machine's name, so the user can tell this device in the device list.
+        name = "".join(c for c in socket.gethostname() if c.isprintable())[:100] or None
         async with RestApi(self.server, self.state) as api:
-            self.state.save_tokens(await api.login(username, secret, device))
+            self.state.save_tokens(await api.login(username, secret, device, name))
             self.state.save_profile(Profile(self.server, username, device))
             bundle = await api.key_bundle()
             if bundle is None:

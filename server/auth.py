@@ -187,7 +187,13 @@ class Auth:
             raise AuthError("signed out: the password was changed on another device")
 
     async def login(
-        self, username: str, password: str, device: str | None, address: str = ""
+        self,
+        username: str,
+        password: str,
+        device: str | None,
+        address: str = "",
+        *,
+        device_name: str | None = None,
     ) -> TokenPair:
         """Check the password, throttled per account and per address."""
         keys = await self._throttle(username, address)
@@ -200,11 +206,14 @@ class Auth:
         if device:
             # Listed (and revocable) from its login on; logging in with the password
             # again re-authorises a device id that was revoked.
+            # A login without a name keeps the name the device has.
             await self.pool.execute(
-                "INSERT INTO devices (user_id, id) VALUES ($1, $2) ON CONFLICT (user_id, id) "
-                "DO UPDATE SET last_seen = now(), revoked_at = NULL",
+                "INSERT INTO devices (user_id, id, name) VALUES ($1, $2, coalesce($3, '')) "
+                "ON CONFLICT (user_id, id) DO UPDATE SET last_seen = now(), revoked_at = NULL, "
+                "name = coalesce($3, devices.name)",
                 user,
                 device,
+                device_name,
             )
         return await self._issue_pair(user, device, family=uuid.uuid4())
 

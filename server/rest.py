@@ -17,6 +17,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import asyncpg
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -228,18 +229,40 @@ async def register(request: Request) -> Response:
     return reply({"user": user, "username": data["username"]}, 201)
 
 
+#: Longest device name (``login``, ``PATCH /v1/devices/{id}``), in characters.
+MAX_DEVICE_NAME = 100
+
+
+def _device_name(data: dict[str, Any]) -> str | None:
+    """A device's name as the user calls it ("Alice's laptop"), so that the device
+    list is worth reading before revoking one; None when not given."""
+    name = data.get("device_name")
+    if name is None:
+        return None
+    if not isinstance(name, str) or len(name) > MAX_DEVICE_NAME or not name.isprintable():
+        raise ApiError(
+            ErrorCode.BAD_FRAME,
+            f"device_name must be printable text of at most {MAX_DEVICE_NAME} characters",
+        )
+    return name.strip()
+
+
 @endpoint
 async def login(request: Request) -> Response:
     data = await read_json(request)
     device = data.get("device")
     if device is not None and (not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE):
         raise ApiError(ErrorCode.BAD_FRAME, "device must be a short string")
+    name = _device_name(data)
+    if name is not None and device is None:
+        raise ApiError(ErrorCode.BAD_FRAME, "device_name names the login's device: send device")
     try:
         pair = await services(request).auth.login(
             _string(data, "username", 64),
             _string(data, "password", 1024),
             device,
             _address(request),
+            device_name=name,
         )
     except AuthError as exc:
         raise ApiError(ErrorCode.UNAUTHORIZED, str(exc)) from None
@@ -356,30 +379,47 @@ async def put_keys(request: Request) -> Response:
     return Response(status_code=204)
 
 
+_DEVICE_COLUMNS = "id, name, created_at, last_seen, acked, revoked_at"
+
+
+def _device_json(r: asyncpg.Record, current: str | None) -> dict[str, Any]:
+    return {
+        "id": r["id"],
+        "name": r["name"],
+        "created_at": r["created_at"].isoformat(),
+        "last_seen": r["last_seen"].isoformat(),
+        "acked": r["acked"],
+        "revoked": r["revoked_at"] is not None,
+        "current": r["id"] == current,
+    }
+
+
 @endpoint
 async def list_devices(request: Request) -> Response:
     claims = await authenticate(request)
     rows = await services(request).pool.fetch(
-        "SELECT id, name, created_at, last_seen, acked, revoked_at FROM devices "
-        "WHERE user_id = $1 ORDER BY created_at, id",
+        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user_id = $1 ORDER BY created_at, id",
         claims.user,
     )
-    return reply(
-        {
-            "devices": [
-                {
-                    "id": r["id"],
-                    "name": r["name"],
-                    "created_at": r["created_at"].isoformat(),
-                    "last_seen": r["last_seen"].isoformat(),
-                    "acked": r["acked"],
-                    "revoked": r["revoked_at"] is not None,
-                    "current": r["id"] == claims.device,
-                }
-                for r in rows
-            ]
-        }
+    return reply({"devices": [_device_json(r, claims.device) for r in rows]})
+
+
+@endpoint
+async def rename_device(request: Request) -> Response:
+    claims = await authenticate(request)
+    data = await read_json(request)
+    name = _device_name(data)
+    if name is None:
+        raise ApiError(ErrorCode.BAD_FRAME, "send device_name")
+    row = await services(request).pool.fetchrow(
+        f"UPDATE devices SET name = $3 WHERE user_id = $1 AND id = $2 RETURNING {_DEVICE_COLUMNS}",
+        claims.user,
+        request.path_params["device"],
+        name,
     )
+    if row is None:
+        raise ApiError(ErrorCode.NOT_FOUND, "no such device")
+    return reply(_device_json(row, claims.device))
 
 
 @endpoint
@@ -755,6 +795,7 @@ def routes() -> list[BaseRoute]:
         Route("/v1/account/keys", put_keys, methods=["PUT"]),
         Route("/v1/devices", list_devices),
         Route("/v1/devices/{device}", revoke_device, methods=["DELETE"]),
+        Route("/v1/devices/{device}", rename_device, methods=["PATCH"]),
         Route("/v1/object", list_objects),
         Route("/v1/object/{id}", get_object),
         Route("/v1/object/{id}", delete_object, methods=["DELETE"]),

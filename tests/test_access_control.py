@@ -405,12 +405,13 @@ async def test_rest_routes_require_a_valid_token(scene, credential):
 
 
 async def test_account_and_device_routes_require_a_valid_token(scene):
-    """PROTOCOL.md section 6 also lists PATCH /v1/account, GET /v1/devices and
-    DELETE /v1/devices/{id}; without a valid token each must be a 401."""
+    """PROTOCOL.md section 6 also lists PATCH /v1/account, GET /v1/devices,
+    DELETE and PATCH /v1/devices/{id}; without a valid token each must be a 401."""
     routes = [
         ("PATCH", "/v1/account"),
         ("GET", "/v1/devices"),
         ("DELETE", "/v1/devices/some-device"),
+        ("PATCH", "/v1/devices/some-device"),
     ]
     failures = []
     for credential, headers in bad_credentials(scene).items():

@@ -69,6 +69,49 @@ async def test_another_users_device_cannot_be_revoked(server, alice, bob):
         assert [d["revoked"] for d in listed if d["id"] == "alices-laptop"] == [False]
 
 
+async def test_devices_carry_the_names_their_users_give_them(server, bob):
+    """A device list of ids alone ("laptop-3fa2") is hard to revoke from: a login may
+    name its device, and a device may be renamed; names of others' devices are out
+    of reach."""
+    name = unique("named")
+    await register_login(server.http, name, device="laptop-3fa2")
+    async with httpx.AsyncClient(base_url=server.http) as client:
+
+        async def log_in(**extra: object) -> httpx.Response:
+            body = {"username": name, "password": "correct horse battery", **extra}
+            return await client.post("/v1/auth/login", json=body)
+
+        phone = await log_in(device="phone-77c1", device_name="Ana's phone")
+        assert phone.status_code == 200, phone.text
+        assert (await log_in(device="phone-77c1")).status_code == 200  # keeps the name
+        for bad in ["x" * 101, "tab\there", 7]:
+            r = await log_in(device="tablet", device_name=bad)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "bad_frame", bad
+        assert (await log_in(device_name="no device")).status_code == 400
+        tokens = phone.json()
+
+    async with httpx.AsyncClient(base_url=server.http, headers=bearer(tokens)) as http:
+        names = {d["id"]: d["name"] for d in (await http.get("/v1/devices")).json()["devices"]}
+        assert names == {"laptop-3fa2": "", "phone-77c1": "Ana's phone"}
+
+        r = await http.patch("/v1/devices/laptop-3fa2", json={"device_name": "  Work laptop "})
+        assert r.status_code == 200, r.text
+        assert r.json()["name"] == "Work laptop" and not r.json()["current"]
+        r = await http.patch("/v1/devices/phone-77c1", json={"device_name": "Phone"})
+        assert r.json()["current"] and r.json()["name"] == "Phone"
+        assert (await http.patch("/v1/devices/nope", json={"device_name": "x"})).status_code == 404
+        assert (await http.patch("/v1/devices/phone-77c1", json={})).status_code == 400
+        names = {d["id"]: d["name"] for d in (await http.get("/v1/devices")).json()["devices"]}
+        assert names == {"laptop-3fa2": "Work laptop", "phone-77c1": "Phone"}
+
+    async with httpx.AsyncClient(base_url=server.http, headers=bearer(bob)) as http:
+        r = await http.patch("/v1/devices/phone-77c1", json={"device_name": "mine now"})
+        assert r.status_code == 404
+    async with httpx.AsyncClient(base_url=server.http, headers=bearer(tokens)) as http:
+        names = {d["id"]: d["name"] for d in (await http.get("/v1/devices")).json()["devices"]}
+        assert names["phone-77c1"] == "Phone"
+
+
 async def test_password_change_signs_out_every_other_device(server):
     name = unique("pw")
     laptop = await register_login(server.http, name, device="laptop")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 
+import httpx
 import pytest
 
 from client import crypto
@@ -53,6 +55,18 @@ async def test_two_devices_share_one_master_key_and_files(server, tmp_path):
     for out in ("ws.bin", "rest.bin"):
         assert (tmp_path / "out" / out).read_bytes() == src.read_bytes()
         assert (tmp_path / "out" / out).stat().st_mtime_ns == src.stat().st_mtime_ns
+
+
+async def test_the_sdk_names_its_device_after_the_machine(server, tmp_path):
+    sdk = await device(server, tmp_path, "a", unique("sdk"), new=True)
+    token = sdk.state.tokens()["access"]
+    async with httpx.AsyncClient(
+        base_url=server.http, headers={"Authorization": f"Bearer {token}"}
+    ) as http:
+        listed = (await http.get("/v1/devices")).json()["devices"]
+    assert [(d["id"], d["name"]) for d in listed] == [
+        (sdk.state.device_id(), socket.gethostname()[:100])
+    ]
 
 
 async def test_stale_revision_becomes_a_conflicted_copy(server, tmp_path):
