@@ -229,28 +229,34 @@ class S3Store:
     async def put_file(
         self, key: str, path: Path, size: int, *, move: bool = False, sha256: bytes | None = None
     ) -> None:
+        # Opened per attempt: aiohttp streams the file (no part is held in memory)
+        # and closes it when the request ends.
+        await self._put(key, size, sha256, lambda: self._open(path, size))
+
+    async def put_bytes(self, key: str, data: bytes, *, sha256: bytes | None = None) -> None:
+        async def fresh() -> BinaryIO:
+            return io.BytesIO(data)
+
+        await self._put(key, len(data), sha256, fresh)
+
+    async def _put(
+        self,
+        key: str,
+        size: int,
+        sha256: bytes | None,
+        body: Callable[[], Awaitable[BinaryIO]],
+    ) -> None:
+        """Store ``size`` bytes from ``body``, made afresh for each attempt
+        (``_again``): one PUT, or above PART_SIZE a multipart upload."""
         bucket, name = self._locate(key)
-        if size > PART_SIZE:
-            await self._put_large_file(bucket, name, path, size)
-            return
 
         async def attempt() -> None:
-            # Opened per attempt: aiohttp streams the file (no part is held in
-            # memory) and closes it when the request ends.
-            f = await self._open(path, size)
+            f = await body()
             try:
-                await self._put_one(bucket, name, f, size, sha256)
-            finally:
-                await asyncio.to_thread(f.close)
-
-        await self._again(f"put {name}", attempt)
-
-    async def _put_large_file(self, bucket: str, name: str, path: Path, size: int) -> None:
-        async def attempt() -> None:
-            f = await self._open(path, size)
-            try:
-                read = f.read
-                await self._upload_parts(bucket, name, size, lambda n: asyncio.to_thread(read, n))
+                if size <= PART_SIZE:
+                    await self._put_one(bucket, name, f, size, sha256)
+                else:
+                    await self._upload_parts(bucket, name, size, f)
             finally:
                 await asyncio.to_thread(f.close)
 
@@ -270,25 +276,6 @@ class S3Store:
             await asyncio.to_thread(f.close)
             raise
         return f
-
-    async def put_bytes(self, key: str, data: bytes, *, sha256: bytes | None = None) -> None:
-        bucket, name = self._locate(key)
-        if len(data) <= PART_SIZE:
-            await self._again(
-                f"put {name}",
-                lambda: self._put_one(bucket, name, io.BytesIO(data), len(data), sha256),
-            )
-            return
-
-        async def attempt() -> None:
-            buf = io.BytesIO(data)
-
-            async def read(n: int) -> bytes:
-                return buf.read(n)
-
-            await self._upload_parts(bucket, name, len(data), read)
-
-        await self._again(f"put {name}", attempt)
 
     async def _put_one(
         self, bucket: str, name: str, body: BinaryIO, size: int, sha256: bytes | None
@@ -314,10 +301,8 @@ class S3Store:
                     raise
             await asyncio.sleep(PUT_BACKOFF * 2**n)
 
-    async def _upload_parts(
-        self, bucket: str, name: str, size: int, read: Callable[[int], Awaitable[bytes]]
-    ) -> None:
-        """A multipart upload of ``size`` bytes from ``read``, holding at most one part
+    async def _upload_parts(self, bucket: str, name: str, size: int, body: BinaryIO) -> None:
+        """A multipart upload of ``size`` bytes from ``body``, holding at most one part
         in memory. miniopy-async aborts the whole upload when a part fails, so a
         retry (``_again``) starts it over."""
         uploader = self._client.multipart_uploader(bucket, name)
@@ -326,7 +311,7 @@ class S3Store:
             with _translate(f"put {name}"):
                 for number, start in enumerate(range(0, size, PART_SIZE), start=1):
                     want = min(PART_SIZE, size - start)
-                    part = await read(want)
+                    part = await asyncio.to_thread(body.read, want)
                     if len(part) != want:
                         raise StoreError(f"{name}: source ended early, expected {size} bytes")
                     started = True
