@@ -10,7 +10,7 @@ committer) to each delivery (taken in the receivers); every process reads
 CLOCK_MONOTONIC, which on Linux is one clock for the whole machine.
 
 If commits stop being answered (the committer issues them open loop, so any
-number may be in flight), the advisory commit locks the server holds are
+number may be in flight), the server's database connections by state are
 recorded as evidence, the committer is closed (which frees the server), and a
 second phase runs with at most 16 commits in flight at once (fewer than the
 server's 20 pooled connections), to measure the latency the server reaches.
@@ -38,9 +38,9 @@ from bench.common import percentile, server_process
 from bench.loadgen import (
     SERVER_FLAGS,
     Worker,
-    commit_locks,
     cpu_seconds,
     cpu_share,
+    db_activity,
     maybe_profile,
     now,
     raise_nofile,
@@ -141,7 +141,7 @@ def _phase(
         stall = {
             "answered": st["commits"],
             "issued": st["issued"],
-            **asyncio.run(commit_locks(srv.database_url)),
+            **asyncio.run(db_activity(srv.database_url)),
         }
     sampler.join()
     profiled()
@@ -158,7 +158,7 @@ def _phase(
         time.sleep(0.25)
     drained = now()
     deadline = now() + 30
-    while asyncio.run(commit_locks(srv.database_url))["commit_locks"] and now() < deadline:
+    while asyncio.run(db_activity(srv.database_url))["busy"] and now() < deadline:
         time.sleep(0.5)
     return {
         "commits": result["commits"],
@@ -314,8 +314,8 @@ def run(smoke: bool = False) -> list[Result]:
             st = p["stall"]
             note = (
                 f"**commits stopped being answered: {st['answered']:,} of {st['issued']:,} "
-                f"answered within the window; {st['commit_locks']} advisory commit locks held, "
-                + ", ".join(f"{k} {v}" for k, v in st.items() if k.startswith("backends"))
+                "answered within the window; "
+                + ", ".join(f"{k} {v}" for k, v in st.items() if k not in ("answered", "issued"))
                 + "** — the commits queue behind the fan-out reads (every session of the user "
                 "re-reads the feed per change); " + note
             )

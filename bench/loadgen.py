@@ -683,30 +683,26 @@ def wait_ready(workers: list[Worker], timeout: float) -> dict[str, Any]:
     }
 
 
-#: server.uploads.COMMIT_LOCK: the first key of the advisory lock each commit holds.
-COMMIT_LOCK = 0x7E55E4B
-
-
-async def commit_locks(database_url: str) -> dict[str, int]:
-    """Advisory commit locks held right now, and the server's connections by state:
-    evidence for the pool deadlock (every pooled connection holding a commit lock,
-    idle, while its commit waits for a second connection)."""
+async def db_activity(database_url: str) -> dict[str, int]:
+    """The server's database connections by state, how many of them wait on a lock,
+    and how many are busy (neither idle nor idle in a transaction that waits on
+    nothing): evidence when commits stop being answered."""
     import asyncpg
 
     conn = await asyncpg.connect(database_url)
     try:
-        held = await conn.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND classid = $1 AND objsubid = 2",
-            COMMIT_LOCK,
-        )
         rows = await conn.fetch(
-            "SELECT state, count(*) AS n FROM pg_stat_activity "
-            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() GROUP BY state"
+            "SELECT coalesce(state, 'unknown') AS state, count(*) AS n, "
+            "count(*) FILTER (WHERE wait_event_type = 'Lock') AS locked "
+            "FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() GROUP BY 1"
         )
     finally:
         await conn.close()
-    return {"commit_locks": int(held), **{f"backends {r['state']}": int(r["n"]) for r in rows}}
+    out = {f"backends {r['state']}": int(r["n"]) for r in rows}
+    out["waiting on a lock"] = sum(int(r["locked"]) for r in rows)
+    out["busy"] = sum(int(r["n"]) for r in rows if r["state"] != "idle")
+    return out
 
 
 def cpu_seconds(

@@ -54,7 +54,6 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         url = await asyncio.to_thread(database_url, settings)
         pool = await create_pool(url)
-        lock_pool = await create_pool(url, min_size=1, max_size=settings.commit_concurrency)
         store = make_store(settings)
         janitor_task: asyncio.Task[None] | None = None
         gc_task: asyncio.Task[None] | None = None
@@ -83,7 +82,7 @@ def create_app(settings: Settings) -> Starlette:
                 pool=pool,
                 store=store,
                 auth=auth,
-                uploads=Uploads(settings, pool, store, spool, lock_pool),
+                uploads=Uploads(settings, pool, store, spool),
                 objects=Objects(pool, settings.garbage_delay),
                 hub=hub,
                 feed=feed,
@@ -108,7 +107,6 @@ def create_app(settings: Settings) -> Starlette:
                 await services.feed.close()
                 await services.uploads.close()
             await store.close()
-            await lock_pool.close()
             await pool.close()
 
     routes = [*rest.routes(), WebSocketRoute("/v1/sync", sync_endpoint)]

@@ -23,9 +23,8 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's reset query on release (one server round trip per pool use).
 
     Safe because pooled connections never keep session state: no SET, no LISTEN
-    (the hub has its own connection), and the commit advisory lock is always
-    released or its connection terminated. An open transaction is still rolled
-    back by asyncpg itself before this is called.
+    (the hub has its own connection), no session-level advisory lock. An open
+    transaction is still rolled back by asyncpg itself before this is called.
     """
 
 

@@ -143,9 +143,6 @@ class Settings:
         default=0,
         metadata=_h("threads writing and hashing uploaded chunks; 0: one per core, at most 8"),
     )
-    commit_concurrency: int = field(
-        default=16, metadata=_h("commits and aborts running at once per node (lock connections)")
-    )
     idle_timeout: float = field(
         default=3600.0, metadata=_h("seconds without a frame from the client before closing")
     )

@@ -30,6 +30,7 @@ from server import keys
 from server.feed import record_change
 from server.groupcommit import GroupCommit
 from server.ingest import IngestThreads
+from server.locks import KeyedLocks
 from server.settings import Settings
 from server.spool import SpoolFile
 from server.stores import BlobNotFound, BlobStore, StoreError
@@ -38,9 +39,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _Fail = Callable[..., RequestError]
-
-#: Advisory-lock namespace of upload commits (the second key is hashtext(upload id)).
-COMMIT_LOCK = 0x7E55E4B
 
 #: Concurrent store copies during one commit.
 COPY_CONCURRENCY = 8
@@ -245,15 +243,11 @@ class Uploads:
         pool: asyncpg.Pool,
         store: BlobStore,
         spool_dir: Path,
-        lock_pool: asyncpg.Pool | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
-        #: Connections that hold a commit's advisory lock. Separate from ``pool``, so
-        #: commits waiting for a lock connection hold nothing the others need:
-        #: taking the lock from ``pool`` deadlocked once every pooled connection
-        #: held a lock and waited for a second connection.
-        self.lock_pool = lock_pool or pool
+        #: Commits and aborts of one upload, one at a time in this process.
+        self.serial = KeyedLocks()
         self.store = store
         self.spool_dir = spool_dir
         self._tasks: set[asyncio.Task[None]] = set()
@@ -415,43 +409,31 @@ class Uploads:
         )
 
     async def abort(self, user: int, upload_id: str, rid: int | None = None) -> None:
-        async with self.lock_pool.acquire() as conn:
-            # Serialised with commit: an abort never pulls staging from under one.
-            await _lock(conn, upload_id)
+        # After any commit of it in this process (see ``commit``). One statement, so
+        # a cut-off abort has either deleted the row or not: nothing half done.
+        async with self.serial.hold(upload_id):
             task: asyncio.Task[None] | None = None
             try:
-                async with conn.transaction():
-                    # Every declared part, not only those received: a part stored
-                    # concurrently can be marked received between this read and the
-                    # delete, and its own clean-up then sees nothing to clean.
-                    declared = await conn.fetch(
-                        """SELECT p.idx FROM upload_parts p JOIN uploads u ON u.id = p.upload_id
-                           WHERE u.id = $1 AND u.user_id = $2 AND u.state = 'open'""",
-                        upload_id,
-                        user,
-                    )
-                    deleted = await conn.fetchval(
-                        "DELETE FROM uploads WHERE id = $1 AND user_id = $2 AND state = 'open' "
-                        "RETURNING 1",
-                        upload_id,
-                        user,
-                    )
+                async with self.pool.acquire() as conn:
+                    row = await _statement(conn, _ABORT, upload_id, user)
                 # Started at once, in a task of its own: the deletion happens even if
                 # this request is cancelled from here on (the client went away).
+                # Every declared part, not only those received: a part being stored
+                # right now lands in staging before this deletion (and goes with it)
+                # or after it, and then finds its upload gone and deletes its own
+                # copy (``_mark_received``).
                 task = self._cleanup(
-                    [keys.staging_key(user, upload_id, r["idx"]) for r in declared]
-                    if deleted
+                    [keys.staging_key(user, upload_id, i) for i in range(row["parts"])]
+                    if row
                     else []
                 )
             except BaseException:
-                # Cut off (e.g. while its COMMIT was answered): the row may be gone
+                # Cut off (e.g. while the statement was answered): the row may be gone
                 # all the same. Find out later and delete what is staged if so.
                 if task is None:
                     self._spawn(self._settle(user, upload_id))
                 raise
-            finally:
-                await _unlock(conn, upload_id)
-        if not deleted:
+        if row is None:
             raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid, upload=upload_id)
         if task is not None:  # deleted before the reply
             await asyncio.shield(task)
@@ -737,25 +719,21 @@ class Uploads:
         def fail(code: ErrorCode, msg: str, **extra: object) -> RequestError:
             return RequestError(code, msg, rid=rid, upload=upload_id, **extra)
 
-        # One commit of an upload at a time, on any node: a retried commit waits
-        # for the first and then finds its result. A session-level advisory lock
-        # is released by PostgreSQL itself if this process dies.
-        async with self.lock_pool.acquire() as lock:
-            await _lock(lock, upload_id)
-            stalled = False
+        # One commit of an upload at a time in this process: a retried commit waits
+        # for the first and then finds its result, and a client that repeats commit
+        # cannot make the store copy the same parts over and over. Nothing is held
+        # in the database, so a commit waiting here or copying holds no connection.
+        # Commits of one upload on different nodes are safe without a lock: each
+        # copies under partition ids of its own, and the metadata transaction lets
+        # exactly one win; the other answers with its result and deletes its copies.
+        async with self.serial.hold(upload_id):
             try:
                 return await self._commit_locked(user, upload_id, device, fail)
             except (TimeoutError, asyncio.CancelledError):
-                stalled = True  # or cancelled: either way, don't wait on the database
-                # It may have committed all the same: then its staged parts go.
+                # Stalled or cancelled: it may have committed all the same. Then its
+                # staged parts go.
                 self._spawn(self._settle(user, upload_id))
                 raise
-            finally:
-                if stalled:  # PostgreSQL releases the lock when the connection ends
-                    with contextlib.suppress(Exception):
-                        lock.terminate()
-                else:
-                    await _unlock(lock, upload_id)
 
     async def _commit_locked(
         self, user: int, upload_id: str, device: str | None, fail: _Fail
@@ -781,7 +759,10 @@ class Uploads:
                 raise fail(ErrorCode.CONFLICT, "base revision is stale", rev=rev)
         ids: list[int] = list(up["new_ids"] or [])
         copies = [keys.partition_key(user, pid) for pid in ids]
-        await self._copy_all(user, upload_id, parts, copies, fail)
+        lost = await self._copy_all(user, upload_id, parts, copies)
+        if lost:
+            self._cleanup(copies)
+            return await self._after_lost(user, upload_id, lost, fail)
         try:
             write = self._commit_new if up["object_id"] is None else self._commit_revision
             result, ours = await write(up, parts, ids, copies, device, fail)
@@ -821,13 +802,10 @@ class Uploads:
         return CommitResult(row["result_object"], row["result_rev"], row["result_seq"])
 
     async def _copy_all(
-        self,
-        user: int,
-        upload_id: str,
-        parts: list[dict[str, Any]],
-        copies: list[str],
-        fail: _Fail,
-    ) -> None:
+        self, user: int, upload_id: str, parts: list[dict[str, Any]], copies: list[str]
+    ) -> list[int]:
+        """Copy the staged parts to their partition keys; the indexes of those whose
+        staged copy was not found."""
         limit = asyncio.Semaphore(COPY_CONCURRENCY)
         lost: list[int] = []
 
@@ -845,20 +823,31 @@ class Uploads:
         except BaseExceptionGroup as group:
             self._cleanup(copies)
             raise group.exceptions[0] from None  # e.g. StoreError: answered unavailable
-        if lost:
-            # Staged data vanished (e.g. removed by hand): ask the client to resend it.
-            self._cleanup(copies)
-            await self.pool.execute(
-                "UPDATE upload_parts SET received = false WHERE upload_id = $1 AND idx = ANY($2)",
-                upload_id,
-                lost,
-            )
-            raise RequestError(
-                ErrorCode.INCOMPLETE,
-                "staged parts are missing; send them again",
-                upload=upload_id,
-                missing=sorted(lost),
-            )
+        return sorted(lost)
+
+    async def _after_lost(
+        self, user: int, upload_id: str, lost: list[int], fail: _Fail
+    ) -> CommitResult:
+        """Staged parts were not found. A commit or abort of this upload on another
+        node removes them when it is done, so the upload's state tells which: its
+        result, or not_found. If it is still open, the data vanished otherwise (e.g.
+        removed by hand): the client is asked to send those parts again."""
+        row = await self.pool.fetchrow(
+            "SELECT state, result_object, result_rev, result_seq FROM uploads "
+            "WHERE id = $1 AND user_id = $2",
+            upload_id,
+            user,
+        )
+        if row is None:
+            raise fail(ErrorCode.NOT_FOUND, "upload was aborted")
+        if row["state"] == "committed":
+            return CommitResult(row["result_object"], row["result_rev"], row["result_seq"])
+        await self.pool.execute(
+            "UPDATE upload_parts SET received = false WHERE upload_id = $1 AND idx = ANY($2)",
+            upload_id,
+            lost,
+        )
+        raise fail(ErrorCode.INCOMPLETE, "staged parts are missing; send them again", missing=lost)
 
     async def _commit_revision(
         self,
@@ -1056,6 +1045,12 @@ FROM tessera_declare($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                      $13::double precision, $14::int[], $15::bytea[], $16::bytea[],
                      $17::bytea[], $18, $19, $20)"""
 
+#: An abort: the open upload's row deleted (its parts' rows go with it), and how
+#: many parts it declared, whose staged copies are then deleted.
+_ABORT = """
+DELETE FROM uploads WHERE id = $1 AND user_id = $2 AND state = 'open'
+RETURNING declared_parts AS parts"""
+
 _COMMIT_NEW = """
 SELECT outcome, object_id, rev, seq
 FROM tessera_commit_new($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::bigint[], $11::int[],
@@ -1129,32 +1124,6 @@ def _parts(up: asyncpg.Record) -> list[dict[str, Any]]:
 
 def _staging_keys(up: asyncpg.Record) -> list[str]:
     return [keys.staging_key(up["user_id"], up["id"], i) for i in range(up["declared_parts"])]
-
-
-async def _lock(conn: asyncpg.Connection, upload_id: str) -> None:
-    """Take the commit lock. If this is cancelled or fails, the lock may be granted
-    anyway after we stop waiting, so end the connection (which releases it) rather
-    than return it to the pool holding a lock nobody will release."""
-    try:
-        await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", COMMIT_LOCK, upload_id)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.terminate()
-        raise
-
-
-async def _unlock(conn: asyncpg.Connection, upload_id: str) -> None:
-    """Release the commit lock; if that fails, end the connection, which releases it
-    too, rather than return a connection still holding it to the pool."""
-    try:
-        await conn.execute(
-            "SELECT pg_advisory_unlock($1, hashtext($2))", COMMIT_LOCK, upload_id, timeout=5
-        )
-    except BaseException as exc:  # failed or cancelled: never pool a connection holding it
-        with contextlib.suppress(Exception):  # already closed and released: fine
-            conn.terminate()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
 
 
 async def _statement(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:

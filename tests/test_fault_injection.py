@@ -438,7 +438,7 @@ async def test_store_stall_mid_commit_is_answered_in_bounded_time(
     [
         "statement-lost",  # the commit's statement never arrives: nothing is written
         "answer-lost",  # the statement ran, its answer is lost: committed, the server can't know
-        "at-unlock",  # all done, only the advisory lock's release fails
+        "read-lost",  # the commit's first statement, its read, never arrives
     ],
 )
 async def test_database_cut_mid_commit(rig: Rig, proxied_server: Any, moment: str) -> None:
@@ -452,8 +452,8 @@ async def test_database_cut_mid_commit(rig: Rig, proxied_server: Any, moment: st
         trigger = rig.pg.watch(commit_statement(uid), "cut")
     elif moment == "answer-lost":
         trigger = rig.pg.watch(commit_statement(uid), "cut_after")
-    else:
-        trigger = rig.pg.watch(b"pg_advisory_unlock($1", "cut")
+    else:  # the parts are staged: the next statement naming the upload is the read
+        trigger = rig.pg.watch(upload.encode(), "cut")
     reply, took = await timed_commit(client, upload, ANSWER_BOUND + 10)
     print(f"database cut {moment}: answered in {took:.2f}s: {reply}")
     assert trigger.fired.is_set(), "the fault never happened"

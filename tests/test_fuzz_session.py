@@ -59,7 +59,6 @@ from protocol.codec import encode
 from server import keys
 from server.janitor import Janitor
 from server.session import Session
-from server.uploads import COMMIT_LOCK
 from tests.conftest import unique
 from tests.support.client import register_login
 from tests.support.model import (
@@ -118,14 +117,14 @@ TRACE = os.environ.get("TESSERA_FUZZ_TRACE", "")
 #: shrinking (the shrunk programs are the explicit ``test_regression_*`` below). The
 #: programs are exact; where the bug is a race, a replay can still miss it.
 REGRESSION_SEEDS: list[tuple[int, int]] = [
-    # A commit lock still held by an idle pooled connection after commits cut off by
-    # dropped connections (test_regression_request_cut_off_by_a_disconnect_keeps_its_lock).
+    # A commit lock still held after commits cut off by dropped connections
+    # (test_regression_request_cut_off_by_a_disconnect_keeps_its_lock).
     (105, 5),
     # A part answered "unavailable" (File exists) while its upload's directory was
     # pruned (tests/test_stores.py test_local_put_meets_a_prune_of_its_directory).
     (777, 140),
-    # An aborted upload's staged parts left behind: the abort was cut off while it
-    # unlocked (test_regression_abort_cut_off_while_it_unlocks_leaves_staged_parts).
+    # An aborted upload's staged parts left behind: the abort was cut off after its
+    # delete (test_regression_abort_cut_off_while_it_deletes_leaves_staged_parts).
     (1016603272, 92),
 ]
 
@@ -532,17 +531,26 @@ class Driver:
     # --------------------------------------------------------------- checks
 
     async def ask(self, conn: Conn, frame: Frame) -> tuple[int, Frame]:
-        """A request and its reply; when none comes, say which advisory locks are held."""
+        """A request and its reply; when none comes, say which upload locks are held
+        and what the database connections are waiting on."""
         try:
             return await conn.request(frame)
         except AssertionError as exc:
+            uploads = self.server.services.uploads
+
+            async def held() -> list[str]:
+                return uploads.serial.held()
+
+            locks = await asyncio.to_thread(self.server.call, held)
             rows = await self.pg.fetch(
-                "SELECT l.pid, l.objid, l.granted, a.state, left(a.query, 60) AS query "
-                "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' ORDER BY l.pid"
+                "SELECT pid, state, wait_event_type, left(query, 60) AS query "
+                "FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "AND pid <> pg_backend_pid() AND state <> 'idle'"
             )
-            locks = [dict(r) for r in rows]
-            raise AssertionError(f"{exc} (advisory locks now: {locks})") from None
+            busy = [dict(r) for r in rows]
+            raise AssertionError(
+                f"{exc} (upload locks now: {locks}; busy connections: {busy})"
+            ) from None
 
     def check(self, reply: Frame, expected: Reply, rid: int | None, what: str) -> None:
         self.env.stats[f"{what}->{reply.get('code', reply['t'])}"] += 1
@@ -1290,20 +1298,15 @@ class Driver:
         assert reply == {"t": "pong", "rid": rid}, reply
 
     async def check_locks(self) -> None:
-        """Every session has ended: nobody may still hold an upload's commit lock."""
-        held = await self.pg.fetch(
-            """SELECT u.id, l.pid, a.state, left(a.query, 60) AS query
-               FROM unnest($1::text[]) AS u(id)
-               JOIN pg_locks l ON l.locktype = 'advisory' AND l.classid = $2::oid
-                    AND l.objid = (hashtext(u.id)::bigint & 4294967295)::oid
-                    AND l.objsubid = 2 AND l.granted
-               JOIN pg_stat_activity a ON a.pid = l.pid""",
-            list(self.model.uploads),
-            COMMIT_LOCK,
-        )
-        assert not held, (
-            f"commit locks still held after every session ended: {[dict(r) for r in held]}"
-        )
+        """Every session has ended: no commit or abort may still hold (or wait for)
+        its upload's lock."""
+        uploads = self.server.services.uploads
+
+        async def held() -> list[str]:
+            return uploads.serial.held()
+
+        left = await asyncio.to_thread(self.server.call, held)
+        assert not left, f"upload locks still held after every session ended: {left}"
 
     async def check_foreign(self) -> None:
         f = self.foreign
@@ -1616,11 +1619,12 @@ async def _one_part_upload(
     return conn, ok["upload"], data
 
 
-class _SlowLockReplies:
-    """``lock_pool`` whose connections receive the reply to ``pg_advisory_lock`` late
-    (a slow network to the database): the lock is held while the caller still waits."""
+class _SlowReplies:
+    """``Uploads.pool`` whose answers to one statement (found by a fragment of its
+    text) arrive late, as over a slow network to the database: the statement has
+    run while its caller still waits, so a cut-off lands in that window."""
 
-    def __init__(self, pool: Any, delay: float, statement: str = "pg_advisory_lock(") -> None:
+    def __init__(self, pool: Any, delay: float, statement: str) -> None:
         self.pool, self.delay, self.statement = pool, delay, statement
 
     def acquire(self) -> Any:
@@ -1629,62 +1633,73 @@ class _SlowLockReplies:
         class Acquire:
             async def __aenter__(self) -> Any:
                 self.inner = outer.pool.acquire()
-                conn = await self.inner.__aenter__()
-                return _SlowLockConnection(conn, outer.delay, outer.statement)
+                return _SlowConnection(await self.inner.__aenter__(), outer)
 
             async def __aexit__(self, *exc: object) -> Any:
                 return await self.inner.__aexit__(*exc)
 
         return Acquire()
 
+    async def answer(self, query: str, result: Any) -> Any:
+        if self.statement in query:
+            await asyncio.sleep(self.delay)
+        return result
+
+    async def execute(self, query: str, *args: Any, **kw: Any) -> Any:
+        return await self.answer(query, await self.pool.execute(query, *args, **kw))
+
+    async def fetch(self, query: str, *args: Any, **kw: Any) -> Any:
+        return await self.answer(query, await self.pool.fetch(query, *args, **kw))
+
+    async def fetchrow(self, query: str, *args: Any, **kw: Any) -> Any:
+        return await self.answer(query, await self.pool.fetchrow(query, *args, **kw))
+
+    async def fetchval(self, query: str, *args: Any, **kw: Any) -> Any:
+        return await self.answer(query, await self.pool.fetchval(query, *args, **kw))
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pool, name)
 
 
-class _SlowLockConnection:
-    def __init__(self, conn: Any, delay: float, statement: str) -> None:
-        self.conn, self.delay, self.statement = conn, delay, statement
+class _SlowConnection:
+    def __init__(self, conn: Any, slow: _SlowReplies) -> None:
+        self.conn, self.slow = conn, slow
 
-    async def execute(self, query: str, *args: Any, **kw: Any) -> Any:
-        result = await self.conn.execute(query, *args, **kw)
-        if self.statement in query:
-            await asyncio.sleep(self.delay)
-        return result
+    async def fetchrow(self, query: str, *args: Any, **kw: Any) -> Any:
+        return await self.slow.answer(query, await self.conn.fetchrow(query, *args, **kw))
 
     async def fetch(self, query: str, *args: Any, **kw: Any) -> Any:
-        result = await self.conn.fetch(query, *args, **kw)
-        if self.statement in query:
-            await asyncio.sleep(self.delay)
-        return result
+        return await self.slow.answer(query, await self.conn.fetch(query, *args, **kw))
+
+    async def execute(self, query: str, *args: Any, **kw: Any) -> Any:
+        return await self.slow.answer(query, await self.conn.execute(query, *args, **kw))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.conn, name)
+
+
+#: A fragment of the first statement of a commit (its read) and of an abort.
+_FIRST_STATEMENT = {"commit": "LEFT JOIN objects o ON o.id = u.object_id", "abort": "DELETE FROM"}
 
 
 @pytest.mark.parametrize("request_type", [Commit, Abort])
 def test_regression_request_cut_off_by_a_disconnect_keeps_its_lock(
     fuzz: FuzzEnv, monkeypatch: pytest.MonkeyPatch, request_type: type[Commit] | type[Abort]
 ) -> None:
-    """Found by the fuzz from its first runs (seed 105 replays one): an idle pooled
-    connection still holds an upload's commit lock after every session has ended.
-    Shrunk: ``[Declare(sizes=(1, 628, 70)), Commit(drop=True), SendAll(), Commit()]``,
-    whose last commit never got a reply while the lock connection came from the
-    main pool.
+    """Found by the fuzz from its first runs (seed 105 replays one): an upload's commit
+    lock was still held after every session had ended, so a later commit or abort
+    of that upload waited for ever. Shrunk: ``[Declare(sizes=(1, 628, 70)),
+    Commit(drop=True), SendAll(), Commit()]``.
 
-    A client sends ``commit`` (or ``abort``) and its connection drops; shutdown
-    cancels the request. When the cancellation landed while ``SELECT
-    pg_advisory_lock(...)`` was awaited, PostgreSQL had taken the lock, but
-    ``Uploads.commit``/``Uploads.abort`` had not yet entered the ``try`` whose
-    ``finally`` unlocks, and the pool's ``reset`` (server/db.py ``_keep_session``)
-    skips asyncpg's ``pg_advisory_unlock_all()``: the connection went back to
-    ``lock_pool`` holding the lock, and a later commit or abort of that upload on
-    another connection waited for ever. Now ``_lock`` ends the connection when
-    taking the lock is cancelled or fails. A reply to the lock statement that
-    arrives 0.3 s late makes every cut land in that window; the driver's final
-    checks find a lock still held.
-    """
+    The lock was then a PostgreSQL advisory lock on a pooled connection: a commit
+    cut off while ``pg_advisory_lock`` was answered returned the connection to the
+    pool still holding it. Commits and aborts now take an in-process lock per
+    upload, which nothing but the holder's own exit releases. A cut-off still
+    lands where this bug was: here every first statement of the request is
+    answered 0.3 s late, and the driver's final checks find a lock still held."""
     uploads = fuzz.server.services.uploads
-    monkeypatch.setattr(uploads, "lock_pool", _SlowLockReplies(uploads.lock_pool, 0.3))
+    fragment = _FIRST_STATEMENT[request_type.__name__.lower()]
+    monkeypatch.setattr(uploads, "pool", _SlowReplies(uploads.pool, 0.3, fragment))
     fuzz.run([Declare(sizes=(100,)), request_type(drop=True, after=0.1)])
 
 
@@ -1741,25 +1756,26 @@ def test_regression_abort_cut_off_by_a_disconnect_leaves_staged_parts(
     asyncio.run(scenario())
 
 
-def test_regression_abort_cut_off_while_it_unlocks_leaves_staged_parts(
+def test_regression_abort_cut_off_while_it_deletes_leaves_staged_parts(
     fuzz: FuzzEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by seed 1016603272 (after 92 programs): an aborted upload's staged parts
     were left, owned by no upload, until the janitor's orphan sweep.
 
-    ``Uploads.abort`` deleted the upload's row, then unlocked, then started the
-    deletion of its staged parts. A disconnect that cancelled the request while
-    the unlock was awaited (``_unlock`` ends the connection and re-raises) skipped
-    the deletion. It now starts as soon as the row is gone, before the unlock. A
-    reply to the unlock statement that arrives 0.3 s late puts every cut there."""
+    The abort deleted the upload's row, then released its lock, then started the
+    deletion of the staged parts; a disconnect that cancelled it in between
+    skipped the deletion. It now starts as soon as the row is gone, and an abort
+    cut off before it knows whether the row is gone finds out later (``_settle``).
+    The reply to the abort's statement arrives 0.3 s late, so the cut lands
+    after the row is deleted and before the abort hears of it."""
     uploads = fuzz.server.services.uploads
-    slow = _SlowLockReplies(uploads.lock_pool, 0.3, "pg_advisory_unlock(")
-    monkeypatch.setattr(uploads, "lock_pool", slow)
+    monkeypatch.setattr(uploads, "pool", _SlowReplies(uploads.pool, 0.3, "DELETE FROM uploads"))
     fuzz.run([Declare(sizes=(100, 200)), SendAll(), Abort(drop=True, after=0.15)])
 
 
+@pytest.mark.parametrize("store_delay", [0.2, 0.0])
 def test_regression_part_stored_while_its_upload_is_aborted_is_left_staged(
-    fuzz: FuzzEnv, monkeypatch: pytest.MonkeyPatch
+    fuzz: FuzzEnv, monkeypatch: pytest.MonkeyPatch, store_delay: float
 ) -> None:
     """Found by seed 3404236709 (after 236 programs): a part of an aborted upload was
     left in staging, owned by no upload, until the janitor's orphan sweep.
@@ -1767,19 +1783,17 @@ def test_regression_part_stored_while_its_upload_is_aborted_is_left_staged(
     ``Uploads.abort`` read which parts were received, then deleted the upload. A
     part completing in between was marked received after the read, so the abort
     did not delete it, and its own clean-up (for a part whose upload is gone) did
-    not run either: its upload was still there when it was marked. The abort now
-    deletes the staged copy of every declared part. Here the part takes 0.2 s into
-    staging and the reply to the abort's read arrives 0.5 s late, so the part is
-    marked received in between."""
+    not run either. The abort is now one statement and deletes the staged copy of
+    every declared part; a part that lands in staging after it finds its upload
+    gone and deletes its own copy. Here the abort arrives while the part is on
+    its way into staging, which takes 0.2 s (the part lands after the delete) or
+    no time at all (it is marked received first, as a rule)."""
     server = fuzz.server
-    uploads = server.services.uploads
-    slow = _SlowLockReplies(uploads.lock_pool, 0.5, "FROM upload_parts p JOIN uploads u")
-    monkeypatch.setattr(uploads, "lock_pool", slow)
     store = server.services.store
     put_bytes = store.put_bytes
 
     async def slow_put_bytes(key: str, data: bytes, **kwargs: Any) -> None:
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(store_delay)
         await put_bytes(key, data, **kwargs)
 
     monkeypatch.setattr(store, "put_bytes", slow_put_bytes)
@@ -1787,11 +1801,16 @@ def test_regression_part_stored_while_its_upload_is_aborted_is_left_staged(
     async def scenario() -> None:
         conn, upload, data = await _one_part_upload(server, "abortrace", 6, 300)
         await conn.chunk(upload, 0, 0, data)  # complete: on its way into staging
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05 if store_delay else 0)
         rid = conn.rid()
         await conn.send({"t": "abort", "rid": rid, "upload": upload})
         stored = await conn.take(lambda f: f.get("upload") == upload and f.get("part") == 0)
-        assert stored["t"] == "part_ok", stored  # marked received before the delete
+        if stored["t"] == "error":  # landed after the delete: the part cleaned up itself
+            assert stored["code"] == "not_found", stored
+        else:
+            assert stored["t"] == "part_ok", stored
+        if store_delay:
+            assert stored["t"] == "error", "the part landed before the abort (test needs after)"
         aborted = await conn.take(lambda f: f.get("rid") == rid)
         assert aborted["t"] == "ok", aborted
         await asyncio.sleep(0.5)  # the deletion runs in the background
