@@ -685,8 +685,8 @@ def wait_ready(workers: list[Worker], timeout: float) -> dict[str, Any]:
 
 async def db_activity(database_url: str) -> dict[str, int]:
     """The server's database connections by state, how many of them wait on a lock,
-    and how many are busy (neither idle nor idle in a transaction that waits on
-    nothing): evidence when commits stop being answered."""
+    and how many are busy (in any state but idle): evidence when commits stop
+    being answered."""
     import asyncpg
 
     conn = await asyncpg.connect(database_url)

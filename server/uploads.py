@@ -776,30 +776,42 @@ class Uploads:
             # The connection failed: COMMIT may have reached PostgreSQL. Deleting
             # the copies now could destroy committed data, so leave them to the
             # janitor (which deletes only what no row references) and find out.
-            outcome = await self._outcome(upload_id)
+            outcome = await self._outcome(user, upload_id, copies)
             if outcome is None:
                 raise
-            result, ours = outcome, True
+            result, ours = outcome
         if not ours:  # another commit won after all: our copies are nobody's
             self._cleanup(copies)
         self._cleanup([keys.staging_key(user, upload_id, p["idx"]) for p in parts])
         return result
 
-    async def _outcome(self, upload_id: str) -> CommitResult | None:
-        """After an ambiguous failure: the commit's result if it did commit, else None."""
+    async def _outcome(
+        self, user: int, upload_id: str, copies: list[str]
+    ) -> tuple[CommitResult, bool] | None:
+        """After an ambiguous failure: the upload's result if it committed, and whether
+        this attempt committed it (its copies are what the rows name, or named until
+        a later revision retired them), not a commit on another node; None if it
+        did not commit."""
         try:
             async with asyncio.timeout(5):
                 row = await self.pool.fetchrow(
-                    "SELECT state, result_object, result_rev, result_seq FROM uploads "
-                    "WHERE id = $1",
+                    """SELECT state, result_object, result_rev, result_seq,
+                              EXISTS (SELECT 1 FROM partitions WHERE store_key = $3)
+                              OR EXISTS (SELECT 1 FROM garbage WHERE store_key = $3) AS ours
+                       FROM uploads WHERE id = $1 AND user_id = $2""",
                     upload_id,
+                    user,
+                    copies[0] if copies else None,
                 )
         except Exception:
             return None
         if row is None or row["state"] != "committed":
             return None
-        log.warning("commit of %s succeeded although its connection failed", upload_id)
-        return CommitResult(row["result_object"], row["result_rev"], row["result_seq"])
+        ours = bool(row["ours"]) or not copies
+        if ours:
+            log.warning("commit of %s succeeded although its connection failed", upload_id)
+        result = CommitResult(row["result_object"], row["result_rev"], row["result_seq"])
+        return result, ours
 
     async def _copy_all(
         self, user: int, upload_id: str, parts: list[dict[str, Any]], copies: list[str]
@@ -829,24 +841,33 @@ class Uploads:
         self, user: int, upload_id: str, lost: list[int], fail: _Fail
     ) -> CommitResult:
         """Staged parts were not found. A commit or abort of this upload on another
-        node removes them when it is done, so the upload's state tells which: its
+        node deletes them once it is done, so the upload's state tells which: its
         result, or not_found. If it is still open, the data vanished otherwise (e.g.
-        removed by hand): the client is asked to send those parts again."""
-        row = await self.pool.fetchrow(
-            "SELECT state, result_object, result_rev, result_seq FROM uploads "
-            "WHERE id = $1 AND user_id = $2",
-            upload_id,
-            user,
-        )
-        if row is None:
-            raise fail(ErrorCode.NOT_FOUND, "upload was aborted")
-        if row["state"] == "committed":
-            return CommitResult(row["result_object"], row["result_rev"], row["result_seq"])
-        await self.pool.execute(
-            "UPDATE upload_parts SET received = false WHERE upload_id = $1 AND idx = ANY($2)",
+        removed by hand): those parts are to be sent again."""
+        reset = await self.pool.fetchval(
+            """UPDATE upload_parts p SET received = false FROM uploads u
+               WHERE p.upload_id = $1 AND p.idx = ANY($2) AND u.id = p.upload_id
+                 AND u.user_id = $3 AND u.state = 'open'
+               RETURNING 1""",
             upload_id,
             lost,
+            user,
         )
+        row = None
+        if not reset:
+            row = await self.pool.fetchrow(
+                "SELECT state, result_object, result_rev, result_seq, declared_parts "
+                "FROM uploads WHERE id = $1 AND user_id = $2",
+                upload_id,
+                user,
+            )
+            if row is None:
+                raise fail(ErrorCode.NOT_FOUND, "upload was aborted")
+        if row is not None and row["state"] == "committed":
+            self._cleanup(
+                [keys.staging_key(user, upload_id, i) for i in range(row["declared_parts"])]
+            )
+            return CommitResult(row["result_object"], row["result_rev"], row["result_seq"])
         raise fail(ErrorCode.INCOMPLETE, "staged parts are missing; send them again", missing=lost)
 
     async def _commit_revision(

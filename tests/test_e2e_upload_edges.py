@@ -50,8 +50,8 @@ async def test_commit_right_after_last_chunk_waits_for_the_part(server, alice):
 
 
 async def test_many_concurrent_commits_finish(server, alice):
-    """More concurrent commits than pooled connections: each holds an advisory-lock
-    connection, which used to come from the same pool and starved the others."""
+    """More concurrent commits than pooled connections all finish. (Each once held an
+    advisory-lock connection from the same pool, which starved the others.)"""
     client = await SyncClient.connect(server.ws, alice["access"])
     uploads = []
     for _ in range(30):

@@ -1,0 +1,85 @@
+"""KeyedLocks: one holder per key, in order, and no entry left behind by
+cancellations, whether of a holder, a waiter, or a waiter just woken."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.locks import KeyedLocks
+
+
+async def test_holders_of_one_key_run_one_at_a_time_in_order_other_keys_do_not_wait() -> None:
+    locks = KeyedLocks()
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def hold(key: str, name: str, wait: bool = False) -> None:
+        async with locks.hold(key):
+            order.append(f"{name} in")
+            if wait:
+                await release.wait()
+            order.append(f"{name} out")
+
+    first = asyncio.create_task(hold("k", "a", wait=True))
+    await asyncio.sleep(0)
+    queued = [asyncio.create_task(hold("k", name)) for name in ("b", "c")]
+    await asyncio.wait_for(hold("other", "x"), 1)  # not held up by "k"
+    assert sorted(locks.held()) == ["k"]
+    release.set()
+    await asyncio.gather(first, *queued)
+    assert order == ["a in", "x in", "x out", "a out", "b in", "b out", "c in", "c out"]
+    assert locks.held() == []
+
+
+async def test_cancelled_holder_and_waiter_leave_no_entry() -> None:
+    locks = KeyedLocks()
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with locks.hold("k"):
+            order.append("holder")
+            await release.wait()
+
+    async def waiter(name: str) -> None:
+        async with locks.hold("k"):
+            order.append(name)
+
+    held = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    cancelled, last = asyncio.create_task(waiter("cancelled")), asyncio.create_task(waiter("last"))
+    await asyncio.sleep(0)
+    cancelled.cancel()  # while queued
+    await asyncio.sleep(0)
+    assert locks.held() == ["k"]
+    held.cancel()  # while holding
+    await asyncio.gather(held, cancelled, return_exceptions=True)
+    await asyncio.wait_for(last, 1)
+    assert order == ["holder", "last"]
+    assert locks.held() == []
+
+
+async def test_waiter_cancelled_as_it_is_woken_passes_the_lock_on() -> None:
+    locks = KeyedLocks()
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with locks.hold("k"):
+            await release.wait()
+
+    async def waiter(name: str) -> None:
+        async with locks.hold("k"):
+            order.append(name)
+
+    held = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    woken, next_one = asyncio.create_task(waiter("woken")), asyncio.create_task(waiter("next"))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.sleep(0)  # the holder leaves and wakes the first waiter
+    woken.cancel()  # before it runs
+    await asyncio.gather(held, woken, return_exceptions=True)
+    await asyncio.wait_for(next_one, 1)
+    assert order == ["next"]
+    assert locks.held() == []
