@@ -36,7 +36,7 @@ from server.stores import (
 from server.stores import local as local_module
 from server.stores import s3 as s3_module
 from server.stores.s3 import MAX_CONNECTIONS as S3_MAX_CONNECTIONS
-from server.stores.s3 import PART_SIZE
+from server.stores.s3 import PIECE_SIZE, SINGLE_PUT
 from tests.support.s3 import S3Buckets, S3Config, free_port
 
 MiB = 1024 * 1024
@@ -89,7 +89,9 @@ def local_files(root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("hashed", [False, True], ids=["store-hashes", "caller-hashed"])
-@pytest.mark.parametrize("size", [0, 1, 70_000, 5 * MiB + 3, PART_SIZE, PART_SIZE + 1])
+@pytest.mark.parametrize(
+    "size", [0, 1, 70_000, 5 * MiB + 3, SINGLE_PUT, SINGLE_PUT + 1, 3 * PIECE_SIZE]
+)
 async def test_put_file_roundtrip(
     store: BlobStore, tmp_path: Path, size: int, hashed: bool
 ) -> None:
@@ -467,7 +469,7 @@ async def test_s3_put_answered_503_is_sent_again_whole(
 
     direct = build(s3_config.endpoint, True)
     await direct.start()
-    data = os.urandom(PART_SIZE + 5 if how == "multipart" else 3 * MiB + 5)
+    data = os.urandom(SINGLE_PUT + 5 if how == "multipart" else 3 * MiB + 5)
     src = tmp_path / "part"
     src.write_bytes(data)
     digest = hashlib.sha256(data).digest()
@@ -488,10 +490,12 @@ async def test_s3_put_answered_503_is_sent_again_whole(
                 assert time.monotonic() - began < 10, "a spent body stalled a retry"
             finally:
                 await flaky.close()
-        body = {"copy": 0, "multipart": PART_SIZE}.get(how, len(data))
+        body = {"copy": 0, "multipart": PIECE_SIZE}.get(how, len(data))
         expected = [(503, body), (503, body), (200, body)]  # each try with the whole body
         # A multipart upload is started over: miniopy-async aborts it when a part fails.
-        assert puts == expected + ([(200, 5)] if how == "multipart" else [])
+        # Its pieces are PIECE_SIZE, the last one what is left: one piece in memory.
+        rest = [(200, PIECE_SIZE), (200, 5)] if how == "multipart" else []
+        assert puts == expected + rest
         assert await read_all(direct, "partitions/u1/9") == data
 
         async with _flaky_front(s3_config, fail_puts=100) as (endpoint, puts):

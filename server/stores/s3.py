@@ -29,9 +29,15 @@ from miniopy_async.error import MinioException, S3Error, ServerError
 from server.stores.base import BlobInfo, BlobNotFound, Piece, StoreError
 from server.stores.local import area_prefixes, check_key, check_prefix, check_range
 
-#: Upload part size. Partitions are at most 16 MiB, so they go up in one PUT, and a
-#: larger file never holds more than one part in memory.
-PART_SIZE = 16 * 1024 * 1024
+#: Largest object sent in one PUT, streamed from its file (nothing held in memory).
+#: Partitions are at most 16 MiB by default, so each goes up in one request.
+SINGLE_PUT = 16 * 1024 * 1024
+#: Piece of a larger object's multipart upload, read into memory one at a time
+#: (S3's least is 5 MiB). A session stores ``parallel_puts`` (4) parts at once: at
+#: 16 MiB a piece, that was 64 MiB, over the bound of 2 x window + 2 x
+#: max_partition for a max_partition up to 24 MiB; at 8 MiB it is 32 MiB, within
+#: 2 x max_partition whenever a partition is large enough to need pieces.
+PIECE_SIZE = 8 * 1024 * 1024
 #: Seconds to establish a TCP connection; a dead endpoint must fail fast.
 CONNECT_TIMEOUT = 5.0
 #: Seconds without a byte from the endpoint before a request is abandoned.
@@ -131,7 +137,7 @@ def _translate(what: str) -> Iterator[None]:
 
 
 class S3Store:
-    #: A put streams its file (up to PART_SIZE; above it, one PART_SIZE piece is
+    #: A put streams its file (up to SINGLE_PUT; above it, one PIECE_SIZE piece is
     #: held at a time). With 2 at a time, parts queued behind the endpoint.
     parallel_puts = 4
     #: A spooled part is read back and sent: the page cache is the better buffer.
@@ -247,13 +253,13 @@ class S3Store:
         body: Callable[[], Awaitable[BinaryIO]],
     ) -> None:
         """Store ``size`` bytes from ``body``, made afresh for each attempt
-        (``_again``): one PUT, or above PART_SIZE a multipart upload."""
+        (``_again``): one PUT, or above SINGLE_PUT a multipart upload."""
         bucket, name = self._locate(key)
 
         async def attempt() -> None:
             f = await body()
             try:
-                if size <= PART_SIZE:
+                if size <= SINGLE_PUT:
                     await self._put_one(bucket, name, f, size, sha256)
                 else:
                     await self._upload_parts(bucket, name, size, f)
@@ -309,8 +315,8 @@ class S3Store:
         started = False
         try:
             with _translate(f"put {name}"):
-                for number, start in enumerate(range(0, size, PART_SIZE), start=1):
-                    want = min(PART_SIZE, size - start)
+                for number, start in enumerate(range(0, size, PIECE_SIZE), start=1):
+                    want = min(PIECE_SIZE, size - start)
                     part = await asyncio.to_thread(body.read, want)
                     if len(part) != want:
                         raise StoreError(f"{name}: source ended early, expected {size} bytes")
