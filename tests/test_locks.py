@@ -31,55 +31,52 @@ async def test_holders_of_one_key_run_one_at_a_time_in_order_other_keys_do_not_w
     assert locks.held() == []
 
 
+class Scene:
+    """Key "k" held by a holder until ``release``; everyone records when it got in."""
+
+    def __init__(self) -> None:
+        self.locks = KeyedLocks()
+        self.order: list[str] = []
+        self.release = asyncio.Event()
+
+    async def holder(self) -> None:
+        async with self.locks.hold("k"):
+            self.order.append("holder")
+            await self.release.wait()
+
+    async def waiter(self, name: str) -> None:
+        async with self.locks.hold("k"):
+            self.order.append(name)
+
+
 async def test_cancelled_holder_and_waiter_leave_no_entry() -> None:
-    locks = KeyedLocks()
-    order: list[str] = []
-    release = asyncio.Event()
-
-    async def holder() -> None:
-        async with locks.hold("k"):
-            order.append("holder")
-            await release.wait()
-
-    async def waiter(name: str) -> None:
-        async with locks.hold("k"):
-            order.append(name)
-
-    held = asyncio.create_task(holder())
+    scene = Scene()
+    held = asyncio.create_task(scene.holder())
     await asyncio.sleep(0)
-    cancelled, last = asyncio.create_task(waiter("cancelled")), asyncio.create_task(waiter("last"))
+    cancelled = asyncio.create_task(scene.waiter("cancelled"))
+    last = asyncio.create_task(scene.waiter("last"))
     await asyncio.sleep(0)
     cancelled.cancel()  # while queued
     await asyncio.sleep(0)
-    assert locks.held() == ["k"]
+    assert scene.locks.held() == ["k"]
     held.cancel()  # while holding
     await asyncio.gather(held, cancelled, return_exceptions=True)
     await asyncio.wait_for(last, 1)
-    assert order == ["holder", "last"]
-    assert locks.held() == []
+    assert scene.order == ["holder", "last"]
+    assert scene.locks.held() == []
 
 
 async def test_waiter_cancelled_as_it_is_woken_passes_the_lock_on() -> None:
-    locks = KeyedLocks()
-    order: list[str] = []
-    release = asyncio.Event()
-
-    async def holder() -> None:
-        async with locks.hold("k"):
-            await release.wait()
-
-    async def waiter(name: str) -> None:
-        async with locks.hold("k"):
-            order.append(name)
-
-    held = asyncio.create_task(holder())
+    scene = Scene()
+    held = asyncio.create_task(scene.holder())
     await asyncio.sleep(0)
-    woken, next_one = asyncio.create_task(waiter("woken")), asyncio.create_task(waiter("next"))
+    woken = asyncio.create_task(scene.waiter("woken"))
+    next_one = asyncio.create_task(scene.waiter("next"))
     await asyncio.sleep(0)
-    release.set()
+    scene.release.set()
     await asyncio.sleep(0)  # the holder leaves and wakes the first waiter
     woken.cancel()  # before it runs
     await asyncio.gather(held, woken, return_exceptions=True)
     await asyncio.wait_for(next_one, 1)
-    assert order == ["next"]
-    assert locks.held() == []
+    assert scene.order == ["holder", "next"]
+    assert scene.locks.held() == []
