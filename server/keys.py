@@ -19,6 +19,11 @@ def staging_key(user: int, upload: str, index: int) -> str:
     return f"{staging_prefix(user, upload)}{index}"
 
 
+def staging_keys(user: int, upload: str, parts: int) -> list[str]:
+    """The staging keys of every part an upload of ``parts`` parts declared."""
+    return [staging_key(user, upload, index) for index in range(parts)]
+
+
 def partition_key(user: int, partition: int) -> str:
     return f"partitions/{user}/{partition}"
 

@@ -139,6 +139,11 @@ class CommitResult:
     rev: int
     seq: int
 
+    @classmethod
+    def recorded(cls, row: asyncpg.Record) -> CommitResult:
+        """The result an upload row records once committed."""
+        return cls(row["result_object"], row["result_rev"], row["result_seq"])
+
 
 #: Parts up to this size are received in memory: no spool file, no worker thread
 #: per chunk, one store write. Each thread hop costs the event loop GIL hand-offs,
@@ -422,11 +427,8 @@ class Uploads:
                 # right now lands in staging before this deletion (and goes with it)
                 # or after it, and then finds its upload gone and deletes its own
                 # copy (``_mark_received``).
-                task = self._cleanup(
-                    [keys.staging_key(user, upload_id, i) for i in range(row["parts"])]
-                    if row
-                    else []
-                )
+                staged = keys.staging_keys(user, upload_id, row["parts"]) if row else []
+                task = self._cleanup(staged)
             except BaseException:
                 # Cut off (e.g. while the statement was answered): the row may be gone
                 # all the same. Find out later and delete what is staged if so.
@@ -636,7 +638,7 @@ class Uploads:
         if prior is None:
             return None
         if prior["user_id"] == user and prior["state"] == "committed":
-            return CommitResult(prior["result_object"], prior["result_rev"], prior["result_seq"])
+            return CommitResult.recorded(prior)
         resumable = frame.object is not None and prior["object_id"] == frame.object
         if prior["user_id"] == user and resumable:
             return None  # an unfinished put of this revision: the caller carries on
@@ -743,8 +745,8 @@ class Uploads:
             raise fail(ErrorCode.NOT_FOUND, "no such upload")
         if up["state"] == "committed":
             # A retry: the first commit's clean-up may have been cut off.
-            self._cleanup(_staging_keys(up))
-            return CommitResult(up["result_object"], up["result_rev"], up["result_seq"])
+            self._cleanup(keys.staging_keys(user, upload_id, up["declared_parts"]))
+            return CommitResult.recorded(up)
         if up["expired"]:
             raise fail(ErrorCode.NOT_FOUND, "upload expired")
         parts = _parts(up)
@@ -782,7 +784,7 @@ class Uploads:
             result, ours = outcome
         if not ours:  # another commit won after all: our copies are nobody's
             self._cleanup(copies)
-        self._cleanup([keys.staging_key(user, upload_id, p["idx"]) for p in parts])
+        self._cleanup(keys.staging_keys(user, upload_id, len(parts)))
         return result
 
     async def _outcome(
@@ -810,8 +812,7 @@ class Uploads:
         ours = bool(row["ours"]) or not copies
         if ours:
             log.warning("commit of %s succeeded although its connection failed", upload_id)
-        result = CommitResult(row["result_object"], row["result_rev"], row["result_seq"])
-        return result, ours
+        return CommitResult.recorded(row), ours
 
     async def _copy_all(
         self, user: int, upload_id: str, parts: list[dict[str, Any]], copies: list[str]
@@ -853,7 +854,6 @@ class Uploads:
             lost,
             user,
         )
-        row = None
         if not reset:
             row = await self.pool.fetchrow(
                 "SELECT state, result_object, result_rev, result_seq, declared_parts "
@@ -863,11 +863,9 @@ class Uploads:
             )
             if row is None:
                 raise fail(ErrorCode.NOT_FOUND, "upload was aborted")
-        if row is not None and row["state"] == "committed":
-            self._cleanup(
-                [keys.staging_key(user, upload_id, i) for i in range(row["declared_parts"])]
-            )
-            return CommitResult(row["result_object"], row["result_rev"], row["result_seq"])
+            if row["state"] == "committed":
+                self._cleanup(keys.staging_keys(user, upload_id, row["declared_parts"]))
+                return CommitResult.recorded(row)
         raise fail(ErrorCode.INCOMPLETE, "staged parts are missing; send them again", missing=lost)
 
     async def _commit_revision(
@@ -892,7 +890,7 @@ class Uploads:
             if state is None:
                 raise fail(ErrorCode.NOT_FOUND, "upload was aborted")
             if state["state"] == "committed":  # a concurrent commit of the same upload won
-                won = CommitResult(state["result_object"], state["result_rev"], state["result_seq"])
+                won = CommitResult.recorded(state)
                 return won, False
             head = ids[0] if ids else None
             obj = up["object_id"]
@@ -1141,10 +1139,6 @@ def _parts(up: asyncpg.Record) -> list[dict[str, Any]]:
             strict=True,
         )
     ]
-
-
-def _staging_keys(up: asyncpg.Record) -> list[str]:
-    return [keys.staging_key(up["user_id"], up["id"], i) for i in range(up["declared_parts"])]
 
 
 async def _statement(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:

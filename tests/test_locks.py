@@ -48,14 +48,18 @@ class Scene:
         async with self.locks.hold("k"):
             self.order.append(name)
 
+    async def start(self, *waiters: str) -> tuple[asyncio.Task[None], list[asyncio.Task[None]]]:
+        """The holder in, then the waiters queued behind it, in this order."""
+        held = asyncio.create_task(self.holder())
+        await asyncio.sleep(0)
+        queued = [asyncio.create_task(self.waiter(name)) for name in waiters]
+        await asyncio.sleep(0)
+        return held, queued
+
 
 async def test_cancelled_holder_and_waiter_leave_no_entry() -> None:
     scene = Scene()
-    held = asyncio.create_task(scene.holder())
-    await asyncio.sleep(0)
-    cancelled = asyncio.create_task(scene.waiter("cancelled"))
-    last = asyncio.create_task(scene.waiter("last"))
-    await asyncio.sleep(0)
+    held, (cancelled, last) = await scene.start("cancelled", "last")
     cancelled.cancel()  # while queued
     await asyncio.sleep(0)
     assert scene.locks.held() == ["k"]
@@ -68,11 +72,7 @@ async def test_cancelled_holder_and_waiter_leave_no_entry() -> None:
 
 async def test_waiter_cancelled_as_it_is_woken_passes_the_lock_on() -> None:
     scene = Scene()
-    held = asyncio.create_task(scene.holder())
-    await asyncio.sleep(0)
-    woken = asyncio.create_task(scene.waiter("woken"))
-    next_one = asyncio.create_task(scene.waiter("next"))
-    await asyncio.sleep(0)
+    held, (woken, next_one) = await scene.start("woken", "next")
     scene.release.set()
     await asyncio.sleep(0)  # the holder leaves and wakes the first waiter
     woken.cancel()  # before it runs
