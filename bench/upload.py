@@ -423,13 +423,22 @@ def measure_local(payload: Payload, repeat: int, data_dir: Path | None = None) -
 
 def measure_s3(payload: Payload, repeat: int, data_dir: Path | None = None) -> dict[str, float]:
     tag = uuid.uuid4().hex[:10]
-    with moto() as cfg, server_process(*s3_flags(cfg, tag), data_dir=data_dir) as srv:
+    with contextlib.ExitStack() as stack:
+        if data_dir is None:
+            data_dir = stack.enter_context(scratch())
+        cfg = stack.enter_context(moto())
+        srv = stack.enter_context(server_process(*s3_flags(cfg, tag), data_dir=data_dir))
         token = register(srv.http, "bench-upload-s3")
         warm_up(srv, token, payload)
+        # Spool files go through the page cache here (read back for the PUT), so
+        # the same hand-off of used memory as for the local runs applies.
+        room = payload.total * 5 // 4
         ours, seq, par = [], [], []
         for i in range(repeat):
+            prefault_page_cache(data_dir, room)
             par.append(asyncio.run(bare_puts(cfg, f"b{tag}-par{i}", payload, IN_FLIGHT)))
             seq.append(asyncio.run(bare_puts(cfg, f"b{tag}-seq{i}", payload, 1)))
+            prefault_page_cache(data_dir, room)
             ours.append(measured_upload(srv, token, payload))
     r = max(ours, key=lambda o: o["ours"])
     r["puts_seq"] = mib_per_s(payload.total, min(seq))
@@ -493,13 +502,16 @@ def run(smoke: bool = False) -> list[Result]:
                 "moto does both in one Python process. The ceiling below is what a PUT "
                 "and then a copy of every byte at moto's rates in this run allow: "
                 "1 / (1 / bare PUT rate + 1 / copy rate at commit). "
-                f"Best of {repeat} runs each, interleaved"
+                f"Best of {repeat} runs each, interleaved; before each run the bench "
+                "writes and deletes a scratch file of 1.25 x the payload, as for the "
+                "local runs (spool files go through the page cache here)"
             ),
             extra={
                 "copy rate at commit MiB/s": s3["copy_rate"],
                 "ceiling: PUT then copy through this moto, % of baseline": s3["ceiling"],
                 "bare PUTs sequential MiB/s": s3["puts_seq"],
                 "first chunk -> last part_ok MiB/s": s3["parts_ok"],
+                "first chunk -> last part_ok, % of baseline": 100 * s3["parts_ok"] / s3["puts_par"],
                 "last chunk sent -> last part_ok s": s3["lag_s"],
                 "share of sending time waiting for credit": s3["credit_wait"],
                 "commit s": s3["commit_s"],
