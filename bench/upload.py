@@ -382,6 +382,12 @@ def scratch() -> Iterator[Path]:
         yield Path(tmp)
 
 
+def reuse_page_cache(data_dir: Path, payload: Payload) -> None:
+    """Before a run that writes files: page cache the machine has used, room for the
+    payload and then some (see ``prefault_page_cache``)."""
+    prefault_page_cache(data_dir, payload.total * 5 // 4)
+
+
 def measure_local(payload: Payload, repeat: int, data_dir: Path | None = None) -> dict[str, Any]:
     """Best of ``repeat`` Tessera uploads and of ``repeat`` sink runs, interleaved
     (sink, Tessera, sink, ...) so that load from elsewhere hits both alike."""
@@ -399,14 +405,13 @@ def measure_local(payload: Payload, repeat: int, data_dir: Path | None = None) -
         writer = stack.enter_context(
             baseline_process("sink-files", "--root", str(files), "--part-size", size)
         )
-        room = payload.total * 5 // 4
         ours, sinks, decoding, writing = [], [], [], []
         for _ in range(repeat):
             sinks.append(sink_once(sink, payload, chunk))
             decoding.append(sink_once(decoder, payload, chunk))
-            prefault_page_cache(data_dir, room)
+            reuse_page_cache(data_dir, payload)
             writing.append(sink_once(writer, payload, chunk))
-            prefault_page_cache(data_dir, room)
+            reuse_page_cache(data_dir, payload)
             ours.append(measured_upload(srv, token, payload))
     r: dict[str, Any] = max(ours, key=lambda o: o["ours"])
     r["runs"] = " / ".join(
@@ -432,13 +437,12 @@ def measure_s3(payload: Payload, repeat: int, data_dir: Path | None = None) -> d
         warm_up(srv, token, payload)
         # Spool files go through the page cache here (read back for the PUT), so
         # the same hand-off of used memory as for the local runs applies.
-        room = payload.total * 5 // 4
         ours, seq, par = [], [], []
         for i in range(repeat):
-            prefault_page_cache(data_dir, room)
+            reuse_page_cache(data_dir, payload)
             par.append(asyncio.run(bare_puts(cfg, f"b{tag}-par{i}", payload, IN_FLIGHT)))
             seq.append(asyncio.run(bare_puts(cfg, f"b{tag}-seq{i}", payload, 1)))
-            prefault_page_cache(data_dir, room)
+            reuse_page_cache(data_dir, payload)
             ours.append(measured_upload(srv, token, payload))
     r = max(ours, key=lambda o: o["ours"])
     r["puts_seq"] = mib_per_s(payload.total, min(seq))
