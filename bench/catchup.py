@@ -16,13 +16,11 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from bench.common import register, server_process
+from bench.common import register, scratch_dir, server_process
 from bench.loadgen import (
     SERVER_FLAGS,
     Worker,
@@ -91,15 +89,13 @@ async def seed(database_url: str, username: str, n: int) -> int:
 
 def measure(n: int, runs: int) -> dict[str, Any]:
     raise_nofile()
-    with (
-        server_process(*SERVER_FLAGS) as srv,
-        tempfile.TemporaryDirectory(prefix="bench-catchup-") as tmp,
-    ):
+    tmp = scratch_dir("bench-catchup-")
+    with server_process(*SERVER_FLAGS) as srv:
         token = register(srv.http, "catchup")
         head = asyncio.run(seed(srv.database_url, "catchup", n))
         worker = Worker(
             {"mode": "catchup", "url": srv.ws, "sessions": [[token, "catchup", 0, 0]]},
-            Path(tmp),
+            tmp,
             "catchup",
         )
         worker.expect("ready", 60)

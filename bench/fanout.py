@@ -14,12 +14,10 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.common import percentile, register, server_process
+from bench.common import percentile, register, scratch_dir, server_process
 from bench.loadgen import (
     SERVER_FLAGS,
     Sess,
@@ -66,12 +64,10 @@ async def _rounds(
 
 def measure(receivers: int, rounds: int, n_workers: int) -> dict[str, Any]:
     raise_nofile()
-    with (
-        server_process(*SERVER_FLAGS) as srv,
-        tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp,
-    ):
+    tmp = scratch_dir("bench-fanout-")
+    with server_process(*SERVER_FLAGS) as srv:
         token = register(srv.http, "fanout")
-        workers = start_sessions(srv.ws, [token], receivers, n_workers, Path(tmp), tag="fan")
+        workers = start_sessions(srv.ws, [token], receivers, n_workers, tmp, tag="fan")
         ready = wait_ready(workers, 600)
         if ready["connected"] < receivers:
             raise RuntimeError(f"only {ready['connected']} sessions: {ready['failures']}")

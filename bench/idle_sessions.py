@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bench.common import server_process
+from bench.common import scratch_dir, server_process
 from bench.loadgen import (
     SERVER_FLAGS,
     raise_nofile,
@@ -51,16 +49,14 @@ def settle_rss(proc: psutil.Process, least: float, most: float) -> tuple[int, fl
 
 def measure(n_sessions: int, n_users: int, n_workers: int, settle: float) -> dict[str, Any]:
     raise_nofile()  # the server inherits it
-    with (
-        server_process(*SERVER_FLAGS) as srv,
-        tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp,
-    ):
+    tmp = scratch_dir("bench-idle-")
+    with server_process(*SERVER_FLAGS) as srv:
         proc = psutil.Process(srv.pid)
         tokens = register_users(srv.http, "idle", n_users)
         # Warm-up: open and close a batch, so lazy imports, pool connections and
         # caches are in the "0 sessions" figure and not charged to the sessions.
         warm = start_sessions(
-            srv.ws, tokens, min(200, n_sessions), 1, Path(tmp), tag="warm", record=False
+            srv.ws, tokens, min(200, n_sessions), 1, tmp, tag="warm", record=False
         )
         wait_ready(warm, 120)
         for w in warm:
@@ -69,7 +65,7 @@ def measure(n_sessions: int, n_users: int, n_workers: int, settle: float) -> dic
         fds0 = proc.num_fds()
 
         workers = start_sessions(
-            srv.ws, tokens, n_sessions, n_workers, Path(tmp), tag="idle", record=False
+            srv.ws, tokens, n_sessions, n_workers, tmp, tag="idle", record=False
         )
         ready = wait_ready(workers, 900)
         rss1, waited = settle_rss(proc, settle, 90)

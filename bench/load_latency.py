@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -34,7 +33,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import percentile, server_process
+from bench.common import percentile, scratch_dir, server_process
 from bench.loadgen import (
     SERVER_FLAGS,
     Worker,
@@ -232,13 +231,11 @@ def measure(
     raise_nofile()
     per_user = n_sessions // n_users
     n_sessions = per_user * n_users
-    with (
-        server_process(*SERVER_FLAGS) as srv,
-        tempfile.TemporaryDirectory(prefix="bench-load-") as tmp,
-    ):
+    tmp = scratch_dir("bench-load-")
+    with server_process(*SERVER_FLAGS) as srv:
         tokens = register_users(srv.http, "load", n_users)
         base_idle, _ = asyncio.run(notify_latencies(srv.database_url, 500))
-        receivers = start_sessions(srv.ws, tokens, n_sessions, n_workers, Path(tmp), tag="rcv")
+        receivers = start_sessions(srv.ws, tokens, n_sessions, n_workers, tmp, tag="rcv")
         ready = wait_ready(receivers, 900)
         time.sleep(3)  # let the connect storm settle
         phases: list[dict[str, Any]] = []
@@ -256,7 +253,7 @@ def measure(
                     receivers,
                     per_user,
                     before,
-                    Path(tmp),
+                    tmp,
                     tag=tag,
                     rate=rate,
                     seconds=seconds,

@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -50,7 +49,7 @@ from bench.baselines import (
     mib_per_s,
     prefault_page_cache,
 )
-from bench.common import ServerProcess, register, server_process
+from bench.common import ServerProcess, register, scratch_dir, server_process
 from bench.report import Result
 from protocol.codec import encode
 
@@ -317,10 +316,7 @@ def moto() -> Iterator[Any]:
     """moto's S3 server in its own process, started exactly as the tests do."""
     from tests.support.s3 import moto_server
 
-    with (
-        tempfile.TemporaryDirectory(prefix="tbench-moto-") as log_dir,
-        moto_server(Path(log_dir)) as cfg,
-    ):
+    with moto_server(scratch_dir("moto-")) as cfg:
         yield cfg
 
 
@@ -378,8 +374,7 @@ def warm_up(srv: ServerProcess, token: str, payload: Payload) -> dict[str, int]:
 def scratch() -> Iterator[Path]:
     """A data directory for the servers of one benchmark module, one after the other:
     the second start finds PostgreSQL initialised, which saves seconds per module."""
-    with tempfile.TemporaryDirectory(prefix="tbench-") as tmp:
-        yield Path(tmp)
+    yield scratch_dir("upload-")
 
 
 def reuse_page_cache(data_dir: Path, payload: Payload) -> None:
