@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from bench.baselines import MiB, Payload, baseline_process, fmt_size, mib_per_s
-from bench.common import register, server_process
+from bench.common import register, scratch_dir, server_process
 from bench.report import Result
 from bench.upload import (
     REPEAT,
@@ -41,7 +41,6 @@ from bench.upload import (
     open_session,
     payload_for,
     s3_flags,
-    scratch,
     tessera_upload,
 )
 
@@ -250,9 +249,9 @@ def run(smoke: bool = False) -> list[Result]:
     payload = payload_for(smoke)
     s3_payload = payload_for(smoke, S3_FULL_PARTS)
     repeat = 1 if smoke else REPEAT
-    with scratch() as data_dir:
-        local = measure_local(payload, data_dir, repeat)
-        s3 = measure_s3(s3_payload, data_dir, repeat)
+    data_dir = scratch_dir("download-")  # both servers: PostgreSQL initialised once
+    local = measure_local(payload, data_dir, repeat)
+    s3 = measure_s3(s3_payload, data_dir, repeat)
     flight = f"{GETS_IN_FLIGHT} requests in flight"
     settings = f"{payload.describe()}, {flight}, data frames of {fmt_size(int(local['chunk']))}"
     s3_settings = f"{s3_payload.describe()} (moto is slow), {flight}"

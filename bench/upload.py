@@ -370,13 +370,6 @@ def warm_up(srv: ServerProcess, token: str, payload: Payload) -> dict[str, int]:
     return asyncio.run(tessera_upload(srv.ws, token, Payload(payload.part_size, 2))).limits
 
 
-@contextlib.contextmanager
-def scratch() -> Iterator[Path]:
-    """A data directory for the servers of one benchmark module, one after the other:
-    the second start finds PostgreSQL initialised, which saves seconds per module."""
-    yield scratch_dir("upload-")
-
-
 def reuse_page_cache(data_dir: Path, payload: Payload) -> None:
     """Before a run that writes files: page cache the machine has used, room for the
     payload and then some (see ``prefault_page_cache``)."""
@@ -388,7 +381,7 @@ def measure_local(payload: Payload, repeat: int, data_dir: Path | None = None) -
     (sink, Tessera, sink, ...) so that load from elsewhere hits both alike."""
     with contextlib.ExitStack() as stack:
         if data_dir is None:
-            data_dir = stack.enter_context(scratch())
+            data_dir = scratch_dir("upload-")
         srv = stack.enter_context(server_process(data_dir=data_dir))
         token = register(srv.http, "bench-upload")
         chunk = warm_up(srv, token, payload)["max_chunk"]
@@ -425,7 +418,7 @@ def measure_s3(payload: Payload, repeat: int, data_dir: Path | None = None) -> d
     tag = uuid.uuid4().hex[:10]
     with contextlib.ExitStack() as stack:
         if data_dir is None:
-            data_dir = stack.enter_context(scratch())
+            data_dir = scratch_dir("upload-")
         cfg = stack.enter_context(moto())
         srv = stack.enter_context(server_process(*s3_flags(cfg, tag), data_dir=data_dir))
         token = register(srv.http, "bench-upload-s3")
@@ -451,9 +444,11 @@ def run(smoke: bool = False) -> list[Result]:
     payload = payload_for(smoke)
     s3_payload = payload_for(smoke, S3_FULL_PARTS)
     repeat = 1 if smoke else REPEAT
-    with scratch() as data_dir:
-        local = measure_local(payload, 1 if smoke else REPEAT_LOCAL, data_dir)
-        s3 = measure_s3(s3_payload, repeat, data_dir)
+    # One data directory for both servers, one after the other: the second start
+    # finds PostgreSQL initialised, which saves seconds per module.
+    data_dir = scratch_dir("upload-")
+    local = measure_local(payload, 1 if smoke else REPEAT_LOCAL, data_dir)
+    s3 = measure_s3(s3_payload, repeat, data_dir)
     common = f"{IN_FLIGHT} parts in flight, chunks of {fmt_size(int(local['chunk']))}"
     local_runs = 1 if smoke else REPEAT_LOCAL
     return [

@@ -25,9 +25,9 @@ from pathlib import Path
 import psutil
 
 from bench.baselines import MiB, Payload, fmt_size
-from bench.common import register, server_process
+from bench.common import register, scratch_dir, server_process
 from bench.report import Result
-from bench.upload import S3_FULL_PARTS, moto, payload_for, s3_flags, scratch, tessera_upload
+from bench.upload import S3_FULL_PARTS, moto, payload_for, s3_flags, tessera_upload
 
 INTERVAL = 0.05
 WARM_PARTS = 4
@@ -126,10 +126,10 @@ def _result(name: str, payload: Payload, r: dict[str, float], extra_settings: st
 def run(smoke: bool = False) -> list[Result]:
     payload = payload_for(smoke)
     s3_payload = payload_for(smoke, S3_FULL_PARTS)
-    with scratch() as data_dir:
-        local = measure(payload, data_dir=data_dir)
-        with moto() as cfg:
-            s3 = measure(s3_payload, *s3_flags(cfg, uuid.uuid4().hex[:10]), data_dir=data_dir)
+    data_dir = scratch_dir("upload-memory-")  # both servers: PostgreSQL initialised once
+    local = measure(payload, data_dir=data_dir)
+    with moto() as cfg:
+        s3 = measure(s3_payload, *s3_flags(cfg, uuid.uuid4().hex[:10]), data_dir=data_dir)
     return [
         _result("server memory during an upload, LocalStore", payload, local, ""),
         _result("server memory during an upload, S3 (moto)", s3_payload, s3, " (moto is slow)"),
