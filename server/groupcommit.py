@@ -22,6 +22,7 @@ once and two batches never wait on each other's row locks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class _Item(Generic[A, R]):
     args: A
     keys: frozenset[Hashable]
     future: asyncio.Future[R]
+    started: bool = False
 
 
 @dataclass(slots=True)
@@ -104,9 +106,11 @@ class GroupCommit(Generic[A, R]):
         """Writes waiting for a batch."""
         return len(self._pending)
 
-    async def submit(self, args: A, keys: frozenset[Hashable]) -> R:
+    async def submit(self, args: A, keys: frozenset[Hashable], *, settle: bool = False) -> R:
         """The write's result, once its batch committed. If the caller is cancelled
-        before its batch starts, the write is dropped; once started, it runs on."""
+        before its batch starts, the write is dropped; once started, it runs on,
+        and with ``settle`` the cancelled caller waits for its outcome first (as
+        for a statement of its own: whoever cancelled it then finds it settled)."""
         if self._closed:
             raise RuntimeError("closed")
         item = _Item(args, keys, asyncio.get_running_loop().create_future())
@@ -114,7 +118,19 @@ class GroupCommit(Generic[A, R]):
         if not self._kick_soon:  # writes submitted in this loop iteration go together
             self._kick_soon = True
             asyncio.get_running_loop().call_soon(self._deferred_kick)
-        return await item.future
+        if not settle:
+            return await item.future
+        try:
+            return await asyncio.shield(item.future)
+        except asyncio.CancelledError:
+            if not item.started:
+                item.future.cancel()
+            while not item.future.done():  # bounded by the batch's statement timeout
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([item.future])
+            if not item.future.cancelled():
+                item.future.exception()  # retrieved: nobody waits for the answer
+            raise
 
     def _deferred_kick(self) -> None:
         self._kick_soon = False
@@ -130,6 +146,7 @@ class GroupCommit(Generic[A, R]):
                     continue
                 free = not (item.keys & self._busy or item.keys & taken)
                 if free and len(batch) < self.max_batch:
+                    item.started = True
                     batch.append(item)
                     taken |= item.keys
                 else:

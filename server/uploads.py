@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -37,6 +37,8 @@ from server.stores import BlobNotFound, BlobStore, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 
 _Fail = Callable[..., RequestError]
 
@@ -131,6 +133,49 @@ class _PutWrite:
     stored: asyncio.Task[None]
     #: A batch gave up waiting for the write (``LOCKED_STORE_WAIT``).
     late: bool = False
+
+
+class _Declare(NamedTuple):
+    """A declaration, in the order of ``_DECLARE_BATCH``'s arrays (its parts last)."""
+
+    id: str
+    user: int
+    payer: int
+    device: str | None
+    object: int | None
+    base: int | None
+    kind: str
+    name: bytes
+    mtime: bytes
+    key: bytes
+    salt: bytes
+    size: int
+    replaced: int
+    sizes: list[int]
+    hashes: list[bytes]
+    keys: list[bytes]
+    salts: list[bytes]
+
+
+class _CommitNew(NamedTuple):
+    """The commit of a new object, in the order of ``_COMMIT_NEW_BATCH``'s arrays."""
+
+    upload: str
+    user: int
+    kind: str
+    size: int
+    name: bytes
+    mtime: bytes
+    key: bytes
+    salt: bytes
+    device: str | None
+    ids: list[int]
+    idxs: list[int]
+    store_keys: list[str]
+    sizes: list[int]
+    hashes: list[bytes]
+    salts: list[bytes]
+    keys: list[bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,12 +314,35 @@ class Uploads:
             max_batch=PUT_BATCH,
             concurrency=PUT_BATCHES,
         )
+        #: The three-step upload's statements, several uploads' at a time: one
+        #: round trip and one transaction for the statements that arrived
+        #: meanwhile, where each took its own.
+        self.declares = self._group(self._declare_batch, self._declare_one)
+        self.received = self._group(self._received_batch, self._received_one)
+        self.reads = self._group(self._read_batch, self._read_one)
+        self.commits = self._group(self._commit_new_batch, self._commit_new_one)
+
+    def _group(
+        self,
+        run_batch: Callable[[list[A]], Awaitable[Sequence[R]]],
+        run_one: Callable[[A], Awaitable[R]],
+    ) -> GroupCommit[A, R]:
+        # One statement, autocommitted: a refusal leaves nothing committed.
+        return GroupCommit(
+            run_batch,
+            run_one,
+            self._spawn,
+            split_on=REFUSED,
+            max_batch=PUT_BATCH,
+            concurrency=PUT_BATCHES,
+        )
 
     async def close(self, grace: float = 2.0) -> None:
         """Give background clean-ups a moment, then stop them (the janitor finishes)."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
-        self.puts.close()
+        for group in (self.puts, self.declares, self.received, self.reads, self.commits):
+            group.close()
         await asyncio.to_thread(self.ingest.close)
         for task in list(self._tasks):
             task.cancel()
@@ -298,63 +366,56 @@ class Uploads:
     ) -> UploadRecord:
         """Declare an upload; ``upload_id`` is a put's client-chosen id (a duplicate
         raises asyncpg.UniqueViolationError)."""
-        async with self.pool.acquire() as conn:
-            replaced, payer = 0, user
-            if frame.object is not None:
-                row = await conn.fetchrow(
-                    """SELECT o.rev, o.size, o.kind, o.status, o.owner_id, a.role FROM objects o
-                       JOIN access_list a ON a.object_id = o.id AND a.user_id = $2
-                       WHERE o.id = $1""",
-                    frame.object,
-                    user,
-                )
-                if row is None:
-                    raise RequestError(ErrorCode.NOT_FOUND, "no such object", rid=frame.rid)
-                if row["role"] == "viewer":
-                    raise RequestError(ErrorCode.FORBIDDEN, "read-only object", rid=frame.rid)
-                if row["kind"] != frame.kind:
-                    raise RequestError(
-                        ErrorCode.CONFLICT,
-                        f"object is a {row['kind']}, not a {frame.kind}",
-                        rid=frame.rid,
-                        rev=row["rev"],
-                    )
-                if row["rev"] != frame.base:
-                    raise RequestError(
-                        ErrorCode.CONFLICT, "base revision is stale", rid=frame.rid, rev=row["rev"]
-                    )
-                # The owner's quota pays for a shared object, whoever edits it.
-                replaced = row["size"] if row["status"] == "active" else 0
-                payer = row["owner_id"]
-            upload_id = upload_id or secrets.token_urlsafe(16)
-            # One statement: the payer's row locked (two concurrent uploads cannot
-            # both pass the checks on the same free space), the limits checked,
-            # the upload and its parts inserted. Nothing is written when refused.
-            verdict = await _statement(
-                conn,
-                _DECLARE,
-                upload_id,
-                user,
-                payer,
-                device,
+        replaced, payer = 0, user
+        if frame.object is not None:
+            row = await self.pool.fetchrow(
+                """SELECT o.rev, o.size, o.kind, o.status, o.owner_id, a.role FROM objects o
+                   JOIN access_list a ON a.object_id = o.id AND a.user_id = $2
+                   WHERE o.id = $1""",
                 frame.object,
-                frame.base,
-                frame.kind,
-                frame.meta.name,
-                frame.meta.mtime,
-                frame.meta.key,
-                frame.meta.salt,
-                frame.size,
-                float(self.settings.upload_ttl),
-                [p.size for p in frame.parts],
-                [p.sha256 for p in frame.parts],
-                [p.key for p in frame.parts],
-                [p.salt for p in frame.parts],
-                replaced,
-                self.settings.max_open_uploads,
-                self.settings.max_staged_bytes,
+                user,
             )
-            self._refuse_over_limits(verdict, frame)
+            if row is None:
+                raise RequestError(ErrorCode.NOT_FOUND, "no such object", rid=frame.rid)
+            if row["role"] == "viewer":
+                raise RequestError(ErrorCode.FORBIDDEN, "read-only object", rid=frame.rid)
+            if row["kind"] != frame.kind:
+                raise RequestError(
+                    ErrorCode.CONFLICT,
+                    f"object is a {row['kind']}, not a {frame.kind}",
+                    rid=frame.rid,
+                    rev=row["rev"],
+                )
+            if row["rev"] != frame.base:
+                raise RequestError(
+                    ErrorCode.CONFLICT, "base revision is stale", rid=frame.rid, rev=row["rev"]
+                )
+            # The owner's quota pays for a shared object, whoever edits it.
+            replaced = row["size"] if row["status"] == "active" else 0
+            payer = row["owner_id"]
+        upload_id = upload_id or secrets.token_urlsafe(16)
+        declare = _Declare(
+            upload_id,
+            user,
+            payer,
+            device,
+            frame.object,
+            frame.base,
+            frame.kind,
+            frame.meta.name,
+            frame.meta.mtime,
+            frame.meta.key,
+            frame.meta.salt,
+            frame.size,
+            replaced,
+            [p.size for p in frame.parts],
+            [p.sha256 for p in frame.parts],
+            [p.key for p in frame.parts],
+            [p.salt for p in frame.parts],
+        )
+        # The payer's row is locked by the declaration: one per batch.
+        verdict = await self.declares.submit(declare, frozenset({payer, user}), settle=True)
+        self._refuse_over_limits(verdict, frame)
         return UploadRecord(
             id=upload_id,
             user=user,
@@ -386,6 +447,73 @@ class Uploads:
                 f"{verdict['reserved']} reserved by unfinished uploads of {verdict['quota']}",
                 rid=frame.rid,
             )
+
+    async def _declare_one(self, d: _Declare) -> asyncpg.Record:
+        async with self.pool.acquire() as conn:
+            return await _statement(
+                conn, _DECLARE, *d[:12], self._ttl, *d[13:], d.replaced, *self._limits
+            )
+
+    async def _declare_batch(self, batch: list[_Declare]) -> list[asyncpg.Record]:
+        """Several declarations in one statement, their payers' rows locked in id
+        order (as ``record_change`` and the put batch lock users rows)."""
+        order = sorted(range(len(batch)), key=lambda i: batch[i].payer)
+        rows = [batch[i] for i in order]
+        heads = list(zip(*(d[:13] for d in rows), strict=True))
+        parts = _flatten([d[13:] for d in rows], 4)
+        got = await self._fetch(_DECLARE_BATCH, *heads, *parts, self._ttl, *self._limits)
+        return _by_ord(got, order)
+
+    async def _received_one(self, part: tuple[str, int]) -> bool:
+        return bool(await self.pool.fetchval(_RECEIVED, *part))
+
+    async def _received_batch(self, batch: list[tuple[str, int]]) -> list[bool]:
+        ids, idxs = zip(*batch, strict=True)
+        got = await self._fetch(_RECEIVED_BATCH, ids, idxs)
+        flipped = {(r["upload_id"], r["idx"]) for r in got}
+        return [part in flipped for part in batch]
+
+    async def _read_one(self, key: tuple[str, int]) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(_COMMIT_READ, *key)
+
+    async def _read_batch(self, batch: list[tuple[str, int]]) -> list[asyncpg.Record | None]:
+        ids, users = zip(*batch, strict=True)
+        got = {r["ord"]: r for r in await self._fetch(_COMMIT_READ_BATCH, ids, users)}
+        return [got.get(i + 1) for i in range(len(batch))]
+
+    async def _commit_new_one(self, c: _CommitNew) -> asyncpg.Record:
+        async with self.pool.acquire() as conn:
+            return await _statement(conn, _COMMIT_NEW, *c, self._ttl)
+
+    async def _commit_new_batch(self, batch: list[_CommitNew]) -> list[asyncpg.Record]:
+        """Several commits in one statement, their users rows locked in id order."""
+        order = sorted(range(len(batch)), key=lambda i: batch[i].user)
+        rows = [batch[i] for i in order]
+        heads = list(zip(*(c[:9] for c in rows), strict=True))
+        parts = _flatten([c[9:] for c in rows], 7)
+        got = await self._fetch(_COMMIT_NEW_BATCH, *heads, *parts, self._ttl)
+        return _by_ord(got, order)
+
+    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        """A batch's rows. A failure PostgreSQL did not answer drops the connection
+        (as ``_statement`` does): the outcome is unknown, the connection suspect."""
+        async with self.pool.acquire() as conn:
+            try:
+                return await conn.fetch(query, *args)
+            except asyncpg.PostgresError:
+                raise
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.terminate()
+                raise
+
+    @property
+    def _ttl(self) -> float:
+        return float(self.settings.upload_ttl)
+
+    @property
+    def _limits(self) -> tuple[int, int]:
+        return self.settings.max_open_uploads, self.settings.max_staged_bytes
 
     # ------------------------------------------------------- resume, abort
 
@@ -695,14 +823,7 @@ class Uploads:
         # Separate statements, each committed on its own: one statement locking the
         # part row and then the upload row deadlocked against abort, whose cascade
         # locks them the other way round.
-        flipped = await self.pool.fetchval(
-            """UPDATE upload_parts p SET received = true FROM uploads u
-               WHERE p.upload_id = $1 AND p.idx = $2 AND u.id = p.upload_id
-                 AND u.state = 'open' AND NOT p.received
-               RETURNING 1""",
-            rec.id,
-            index,
-        )
+        flipped = await self.received.submit((rec.id, index), frozenset({(rec.id, index)}))
         still_open = flipped or await self.pool.fetchval(
             "SELECT 1 FROM uploads WHERE id = $1 AND state = 'open'", rec.id
         )
@@ -740,7 +861,7 @@ class Uploads:
     async def _commit_locked(
         self, user: int, upload_id: str, device: str | None, fail: _Fail
     ) -> CommitResult:
-        up = await self.pool.fetchrow(_COMMIT_READ, upload_id, user)
+        up = await self.reads.submit((upload_id, user), frozenset())
         if up is None:
             raise fail(ErrorCode.NOT_FOUND, "no such upload")
         if up["state"] == "committed":
@@ -976,25 +1097,24 @@ class Uploads:
     ) -> tuple[CommitResult, bool]:
         """The commit of a new object: one statement (a function), where a revision's
         transaction takes seven round trips."""
-        async with self.pool.acquire() as conn:
-            row = await _statement(
-                conn,
-                _COMMIT_NEW,
-                up["id"],
-                up["user_id"],
-                up["kind"],
-                sum(p["size"] for p in parts),
-                up["enc_name"],
-                up["enc_mtime"],
-                up["enc_key"],
-                up["salt"],
-                device,
-                ids,
-                up["idxs"] or [],
-                copies,
-                *_part_columns(up),
-                float(self.settings.upload_ttl),
-            )
+        commit = _CommitNew(
+            up["id"],
+            up["user_id"],
+            up["kind"],
+            sum(p["size"] for p in parts),
+            up["enc_name"],
+            up["enc_mtime"],
+            up["enc_key"],
+            up["salt"],
+            device,
+            ids,
+            up["idxs"] or [],
+            copies,
+            *_part_columns(up),
+        )
+        row = await self.commits.submit(
+            commit, frozenset({commit.user, commit.upload}), settle=True
+        )
         outcome = row["outcome"]
         if outcome == "aborted":
             raise fail(ErrorCode.NOT_FOUND, "upload was aborted")
@@ -1076,9 +1196,73 @@ FROM tessera_commit_new($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::bigint[], $11::
                         $12::text[], $13::int[], $14::bytea[], $15::bytea[], $16::bytea[],
                         $17::double precision)"""
 
+#: ``_DECLARE`` for several uploads: one row of arrays per upload, its parts'
+#: columns flattened, each part with its upload's ordinal. The calls run in the
+#: arrays' order; ``ord`` says whose row is whose.
+_DECLARE_BATCH = """
+SELECT q.ord, d.outcome, d.n, d.bytes, d.quota, d.used, d.reserved
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::int[],
+            $7::text[], $8::bytea[], $9::bytea[], $10::bytea[], $11::bytea[], $12::bigint[],
+            $13::bigint[])
+     WITH ORDINALITY AS q(id, usr, payer, device, obj, base, kind, name, mtime, key, salt,
+                          size, replaced, ord)
+CROSS JOIN LATERAL (
+    SELECT coalesce(array_agg(p.size ORDER BY p.i), '{}') AS sizes,
+           coalesce(array_agg(p.sha ORDER BY p.i), '{}') AS hashes,
+           coalesce(array_agg(p.key ORDER BY p.i), '{}') AS keys,
+           coalesce(array_agg(p.salt ORDER BY p.i), '{}') AS salts
+    FROM unnest($14::bigint[], $15::int[], $16::bytea[], $17::bytea[], $18::bytea[])
+         WITH ORDINALITY AS p(o, size, sha, key, salt, i)
+    WHERE p.o = q.ord) parts
+CROSS JOIN LATERAL tessera_declare(q.id, q.usr, q.payer, q.device, q.obj, q.base, q.kind,
+                                   q.name, q.mtime, q.key, q.salt, q.size,
+                                   $19::double precision, parts.sizes, parts.hashes,
+                                   parts.keys, parts.salts, q.replaced, $20, $21) d"""
+
+#: ``_COMMIT_NEW`` for several uploads, its arrays as ``_DECLARE_BATCH``'s.
+_COMMIT_NEW_BATCH = """
+SELECT q.ord, c.outcome, c.object_id, c.rev, c.seq
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bytea[], $6::bytea[],
+            $7::bytea[], $8::bytea[], $9::text[])
+     WITH ORDINALITY AS q(upload, usr, kind, size, name, mtime, key, salt, device, ord)
+CROSS JOIN LATERAL (
+    SELECT coalesce(array_agg(p.id ORDER BY p.i), '{}') AS ids,
+           coalesce(array_agg(p.idx ORDER BY p.i), '{}') AS idxs,
+           coalesce(array_agg(p.store_key ORDER BY p.i), '{}') AS store_keys,
+           coalesce(array_agg(p.size ORDER BY p.i), '{}') AS sizes,
+           coalesce(array_agg(p.sha ORDER BY p.i), '{}') AS hashes,
+           coalesce(array_agg(p.salt ORDER BY p.i), '{}') AS salts,
+           coalesce(array_agg(p.key ORDER BY p.i), '{}') AS keys
+    FROM unnest($10::bigint[], $11::bigint[], $12::int[], $13::text[], $14::int[],
+                $15::bytea[], $16::bytea[], $17::bytea[])
+         WITH ORDINALITY AS p(o, id, idx, store_key, size, sha, salt, key, i)
+    WHERE p.o = q.ord) parts
+CROSS JOIN LATERAL tessera_commit_new(q.upload, q.usr, q.kind, q.size, q.name, q.mtime, q.key,
+                                      q.salt, q.device, parts.ids, parts.idxs,
+                                      parts.store_keys, parts.sizes, parts.hashes,
+                                      parts.salts, parts.keys, $18::double precision) c"""
+
+#: A part durable in staging, if its upload is open. Separate from the check of
+#: the upload's state: one statement locking the part row and then the upload
+#: row deadlocked against abort, whose cascade locks them the other way round.
+_RECEIVED = """
+UPDATE upload_parts p SET received = true FROM uploads u
+WHERE p.upload_id = $1 AND p.idx = $2 AND u.id = p.upload_id
+  AND u.state = 'open' AND NOT p.received
+RETURNING 1"""
+
+#: ``_RECEIVED`` for several parts: those it flipped.
+_RECEIVED_BATCH = """
+UPDATE upload_parts p SET received = true
+FROM unnest($1::text[], $2::int[]) AS q(id, idx), uploads u
+WHERE p.upload_id = q.id AND p.idx = q.idx AND u.id = p.upload_id
+  AND u.state = 'open' AND NOT p.received
+RETURNING p.upload_id, p.idx"""
+
 #: A commit's first read, in one round trip: the upload, its parts (as arrays), the
 #: object's current rev, and (if still open) the ids its partitions will get.
-_COMMIT_READ = """
+#: ``_READ`` names the upload and user as ``{upload}`` and ``{user}``.
+_READ = """
 SELECT u.*, u.expires_at < now() AS expired, o.rev AS current_rev,
        p.idxs, p.sizes, p.hashes, p.keys, p.salts, p.received,
        CASE WHEN u.state = 'open' THEN
@@ -1091,7 +1275,16 @@ LEFT JOIN LATERAL (
            array_agg(sha256 ORDER BY idx) AS hashes, array_agg(enc_key ORDER BY idx) AS keys,
            array_agg(salt ORDER BY idx) AS salts, array_agg(received ORDER BY idx) AS received
     FROM upload_parts WHERE upload_id = u.id) p ON true
-WHERE u.id = $1 AND u.user_id = $2"""
+WHERE u.id = {upload} AND u.user_id = {user}"""
+
+_COMMIT_READ = _READ.format(upload="$1", user="$2")
+
+#: ``_COMMIT_READ`` for several uploads; ``ord`` says whose row is whose (an
+#: upload not found has none).
+_COMMIT_READ_BATCH = f"""
+SELECT q.ord, r.*
+FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS q(upload, usr, ord)
+CROSS JOIN LATERAL ({_READ.format(upload="q.upload", user="q.usr")}) r"""
 
 
 async def _matches(part: PartSpec, data: bytes) -> bool:
@@ -1173,6 +1366,28 @@ async def _statement(conn: asyncpg.Connection, query: str, *args: object) -> asy
         if not task.cancelled():
             task.exception()  # retrieved: nobody waits for the answer any more
         raise
+
+
+def _flatten(groups: list[tuple[list[Any], ...]], width: int) -> list[list[Any]]:
+    """Per-upload part columns as one array each, after an array of the ordinal
+    (from 1) of each part's upload: the parts' arguments of a batch statement."""
+    owners: list[int] = []
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for ordinal, group in enumerate(groups, 1):
+        owners.extend([ordinal] * len(group[0]))
+        for column, values in zip(columns, group, strict=True):
+            column.extend(values)
+    return [owners, *columns]
+
+
+def _by_ord(rows: list[asyncpg.Record], order: list[int]) -> list[asyncpg.Record]:
+    """A batch statement's rows, back in the order of its writes (``order[k]`` is
+    the write the statement saw at ordinal k + 1); each write has one."""
+    got = {r["ord"]: r for r in rows}
+    out: list[asyncpg.Record] = [None] * len(order)  # type: ignore[list-item]
+    for k, i in enumerate(order):
+        out[i] = got[k + 1]
+    return out
 
 
 def _part_columns(up: asyncpg.Record) -> list[list[Any]]:
