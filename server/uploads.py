@@ -498,14 +498,7 @@ class Uploads:
         """A batch's rows. A failure PostgreSQL did not answer drops the connection
         (as ``_statement`` does): the outcome is unknown, the connection suspect."""
         async with self.pool.acquire() as conn:
-            try:
-                return await conn.fetch(query, *args)
-            except asyncpg.PostgresError:
-                raise
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    conn.terminate()
-                raise
+            return await _or_drop(conn, conn.fetch, query, *args)
 
     @property
     def _ttl(self) -> float:
@@ -1334,6 +1327,22 @@ def _parts(up: asyncpg.Record) -> list[dict[str, Any]]:
     ]
 
 
+async def _or_drop(
+    conn: asyncpg.Connection, method: Callable[..., Awaitable[T]], *args: object
+) -> T:
+    """``method(*args)`` (a query method of ``conn``); on a failure PostgreSQL did not
+    answer (a lost or stalled connection, a cancellation), ``conn`` is dropped
+    rather than released."""
+    try:
+        return await method(*args)
+    except asyncpg.PostgresError:
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        raise
+
+
 async def _statement(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:
     """One statement's row, run to its end even if the caller is cancelled meanwhile
     (the cancellation goes through after): once sent, a statement commits or not
@@ -1346,17 +1355,7 @@ async def _statement(conn: asyncpg.Connection, query: str, *args: object) -> asy
     may never answer, a second timeout before the reply. An error PostgreSQL
     answered with (a unique violation, say) leaves the connection as it was."""
 
-    async def run() -> asyncpg.Record:
-        try:
-            return await conn.fetchrow(query, *args)
-        except asyncpg.PostgresError:
-            raise
-        except BaseException:
-            with contextlib.suppress(Exception):
-                conn.terminate()
-            raise
-
-    task = asyncio.ensure_future(run())
+    task = asyncio.ensure_future(_or_drop(conn, conn.fetchrow, query, *args))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:

@@ -130,6 +130,24 @@ async def bob(server: RunningServer) -> dict[str, Any]:
 
 
 @pytest.fixture
+def ended(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The devices whose session's server side has ended (in-process servers)."""
+    from server.session import Session
+
+    out: set[str] = set()
+    original = Session.run
+
+    async def run(self: Session) -> None:
+        try:
+            await original(self)
+        finally:
+            out.add(self.device)
+
+    monkeypatch.setattr(Session, "run", run)
+    return out
+
+
+@pytest.fixture
 def fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cheap Argon2id for client-side keys and login secrets (tests only)."""
     from client import crypto

@@ -7,9 +7,10 @@ import contextlib
 import os
 from pathlib import Path
 
-from server.session import Session
+import pytest
+
 from tests.conftest import unique
-from tests.support.client import SyncClient, register_login
+from tests.support.client import SyncClient, meta, part_spec, register_login
 
 
 async def test_chunks_after_a_complete_part_are_refused_and_nothing_breaks(server, alice):
@@ -235,52 +236,50 @@ async def test_a_new_object_that_no_longer_fits_at_commit_writes_nothing(server,
     await client.close()
 
 
-async def test_a_commit_cut_off_by_its_sessions_end_is_settled_before_the_end(
-    make_server, db, monkeypatch
+@pytest.mark.parametrize("step", ["tessera_declare", "tessera_commit_new"])
+async def test_a_statement_cut_off_by_its_sessions_end_is_settled_before_the_end(
+    make_server, db, ended, step
 ):
-    """A new object's commit is one statement: once PostgreSQL runs it, it commits
-    whatever becomes of the session. So a session that ends (here the client
-    vanished) waits for the statement's outcome, as for a put, and never leaves
-    a commit landing after it is gone. Here the statement waits on a row lock
-    the test holds, while the client's socket is cut."""
-    ended: set[str] = set()
-    original = Session.run
-
-    async def run(self: Session) -> None:
-        try:
-            await original(self)
-        finally:
-            ended.add(self.device)
-
-    monkeypatch.setattr(Session, "run", run)
+    """A declaration, or a new object's commit, is one statement (grouped with
+    others': server/groupcommit.py): once PostgreSQL runs it, it commits whatever
+    becomes of the session. So a session that ends (here the client vanished)
+    waits for the statement's outcome, as for a put, and never leaves one landing
+    after it is gone. Here the statement waits on a row lock the test holds,
+    while the client's socket is cut."""
     server = make_server()
     name = unique("cutoff")
     tokens = await register_login(server.http, name)
     client = await SyncClient.connect(server.ws, tokens["access"], device=name)
     uid = await db.fetchval("SELECT id FROM users WHERE username = $1", name)
     parts = [os.urandom(2000)]
-    ok = await client.start_upload(parts)
-    await client.send_parts(ok["upload"], parts)
+    if step == "tessera_commit_new":
+        ok = await client.start_upload(parts)
+        await client.send_parts(ok["upload"], parts)
+        request = {"t": "commit", "rid": 99, "upload": ok["upload"]}
+    else:
+        request = {"t": "upload", "rid": 99, "kind": "file", "meta": meta()}
+        request["parts"] = [part_spec(parts[0])]
     async with db.transaction():
         await db.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", uid)
-        await client.send({"t": "commit", "rid": 99, "upload": ok["upload"]})
+        await client.send(request)
         for _ in range(200):
             await db.execute("SELECT pg_stat_clear_snapshot()")  # cached per transaction
             waiting = await db.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE '%tessera_commit_new%'"
+                "AND query LIKE $1",
+                f"%{step}%",
             )
             if waiting:
                 break
             await asyncio.sleep(0.05)
-        assert waiting, "the commit's statement never waited on the lock"
+        assert waiting, "the statement never waited on the lock"
         client.ws.transport.abort()
         await asyncio.sleep(1.0)
-        assert name not in ended, "the session ended while its commit statement ran on"
+        assert name not in ended, "the session ended while its statement ran on"
     for _ in range(200):
         if name in ended:
             break
         await asyncio.sleep(0.05)
     assert name in ended
-    state = await db.fetchval("SELECT state FROM uploads WHERE id = $1", ok["upload"])
-    assert state == "committed"
+    state = await db.fetchval("SELECT state FROM uploads WHERE user_id = $1", uid)
+    assert state == ("committed" if step == "tessera_commit_new" else "open")

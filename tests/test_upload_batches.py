@@ -15,10 +15,8 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import asyncpg
-import pytest
 
 from server.groupcommit import GroupCommit
-from server.session import Session
 from server.uploads import _Declare
 from tests.conftest import unique
 from tests.support.client import SyncClient, meta, part_spec, register_login
@@ -267,71 +265,6 @@ async def test_a_statement_error_in_a_batch_runs_its_writes_one_by_one(make_serv
     assert await db.fetchval("SELECT count(*) FROM upload_parts WHERE upload_id = $1", upload) == 1
     for c, _ in users:
         await c.close()
-
-
-@pytest.fixture
-def ended(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    """Devices whose session has ended."""
-    out: set[str] = set()
-    original = Session.run
-
-    async def run(self: Session) -> None:
-        try:
-            await original(self)
-        finally:
-            out.add(self.device)
-
-    monkeypatch.setattr(Session, "run", run)
-    return out
-
-
-@pytest.mark.parametrize("step", ["tessera_declare", "tessera_commit_new"])
-async def test_a_session_cut_off_while_its_batch_runs_waits_for_the_outcome(
-    make_server, db, ended, step
-):
-    """Once its batch runs, a declaration or commit commits whatever becomes of its
-    session; a session that ends waits for the outcome, as it would for a
-    statement of its own. Here the statement waits on the user's row, which the
-    test holds, while the client's socket is cut."""
-    server = make_server()
-    ((client, uid),) = await clients(server, db, 1, "cut")
-    data = os.urandom(900)
-    if step == "tessera_commit_new":
-        ok = await client.start_upload([data])
-        await client.send_parts(ok["upload"], [data])
-        request = {"t": "commit", "rid": 7, "upload": ok["upload"]}
-    else:
-        request = {
-            "t": "upload",
-            "rid": 7,
-            "kind": "file",
-            "meta": meta(),
-            "parts": [part_spec(data)],
-        }
-    async with db.transaction():
-        await db.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", uid)
-        await client.send(request)
-        for _ in range(200):
-            await db.execute("SELECT pg_stat_clear_snapshot()")  # cached per transaction
-            waiting = await db.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE $1",
-                f"%{step}%",
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.05)
-        assert waiting, "the statement never waited on the lock"
-        client.ws.transport.abort()
-        await asyncio.sleep(1.0)
-        assert not ended, "the session ended while its statement ran on"
-    for _ in range(200):
-        if ended:
-            break
-        await asyncio.sleep(0.05)
-    assert ended
-    state = await db.fetchval("SELECT state FROM uploads WHERE user_id = $1", uid)
-    assert state == ("committed" if step == "tessera_commit_new" else "open")
 
 
 async def test_a_declaration_still_queued_when_its_session_ends_is_dropped(make_server, db, ended):
