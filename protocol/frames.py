@@ -67,6 +67,8 @@ def req_str(m: Mapping[str, Any], name: str, max_len: int, min_len: int = 1) -> 
     value = _field(m, name, str, "a string")
     if not min_len <= len(value) <= max_len:
         raise FrameError(f"{m.get('t', 'frame')}.{name} must be {min_len}..{max_len} characters")
+    if "\x00" in value:  # no text PostgreSQL can store holds one
+        raise FrameError(f"{m.get('t', 'frame')}.{name} must not contain NUL")
     return value
 
 

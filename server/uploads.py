@@ -42,6 +42,9 @@ R = TypeVar("R")
 
 _Fail = Callable[..., RequestError]
 
+#: Tries of an abort that PostgreSQL failed to break a deadlock.
+ABORT_ATTEMPTS = 3
+
 #: Concurrent store copies during one commit.
 COPY_CONCURRENCY = 8
 
@@ -66,6 +69,7 @@ STORE_WAIT = 60.0
 #: after the COMMIT took effect, and running the puts again would find their
 #: own ids taken.
 REFUSED: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,  # e.g. a NUL in a client's text: that write's alone
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.TransactionRollbackError,
     asyncpg.LockNotAvailableError,
@@ -468,7 +472,8 @@ class Uploads:
         return bool(await self.pool.fetchval(_RECEIVED, *part))
 
     async def _received_batch(self, batch: list[tuple[str, int]]) -> list[bool]:
-        ids, idxs = zip(*batch, strict=True)
+        # Part rows locked in key order, as an abort's cascade mostly does.
+        ids, idxs = zip(*sorted(batch), strict=True)
         got = await self._fetch(_RECEIVED_BATCH, ids, idxs)
         flipped = {(r["upload_id"], r["idx"]) for r in got}
         return [part in flipped for part in batch]
@@ -512,6 +517,7 @@ class Uploads:
 
     async def open(self, user: int, upload_id: str, rid: int | None = None) -> UploadRecord:
         """Load an open upload of ``user``; anyone else's looks exactly like a missing one."""
+        _check_id(upload_id, rid)
         async with self.pool.acquire() as conn:
             ok = await conn.fetchval(
                 "SELECT 1 FROM uploads WHERE id = $1 AND user_id = $2 AND state = 'open' "
@@ -537,11 +543,11 @@ class Uploads:
     async def abort(self, user: int, upload_id: str, rid: int | None = None) -> None:
         # After any commit of it in this process (see ``commit``). One statement, so
         # a cut-off abort has either deleted the row or not: nothing half done.
+        _check_id(upload_id, rid)
         async with self.serial.hold(upload_id):
             task: asyncio.Task[None] | None = None
             try:
-                async with self.pool.acquire() as conn:
-                    row = await _statement(conn, _ABORT, upload_id, user)
+                row = await self._abort_row(user, upload_id)
                 # Started at once, in a task of its own: the deletion happens even if
                 # this request is cancelled from here on (the client went away).
                 # Every declared part, not only those received: a part being stored
@@ -560,6 +566,19 @@ class Uploads:
             raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid, upload=upload_id)
         if task is not None:  # deleted before the reply
             await asyncio.shield(task)
+
+    async def _abort_row(self, user: int, upload_id: str) -> asyncpg.Record | None:
+        """The abort's statement, again if PostgreSQL broke a deadlock by failing it
+        (it rolled back): its cascade locks the upload's part rows in no set order,
+        and a batch of part receipts (``_received_batch``) may hold some of them."""
+        for attempt in range(ABORT_ATTEMPTS):
+            try:
+                async with self.pool.acquire() as conn:
+                    return await _statement(conn, _ABORT, upload_id, user)
+            except asyncpg.DeadlockDetectedError:
+                if attempt == ABORT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     # ---------------------------------------------------------------- put
 
@@ -835,6 +854,7 @@ class Uploads:
         def fail(code: ErrorCode, msg: str, **extra: object) -> RequestError:
             return RequestError(code, msg, rid=rid, upload=upload_id, **extra)
 
+        _check_id(upload_id, rid)
         # One commit of an upload at a time in this process: a retried commit waits
         # for the first and then finds its result, and a client that repeats commit
         # cannot make the store copy the same parts over and over. Nothing is held
@@ -1300,6 +1320,14 @@ def _raise_if_failed(stored: asyncio.Task[None]) -> None:
     exc = stored.exception()
     if exc is not None:
         raise exc
+
+
+def _check_id(upload_id: str, rid: int | None) -> None:
+    """An id no upload can have (PostgreSQL text holds no NUL; the WebSocket's frames
+    refuse one, a REST path may carry it): not found, without a statement, which
+    would fail, and in a batch fail the others' writes with it."""
+    if "\x00" in upload_id:
+        raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid)
 
 
 def mark_retrieved(task: asyncio.Task[Any]) -> None:

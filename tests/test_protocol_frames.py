@@ -311,6 +311,16 @@ def test_str_field_length_bounds(t: str, name: str, cap: int) -> None:
             parse_client_frame({**VALID[t][0], name: bad}, LIMITS)
 
 
+@pytest.mark.parametrize(
+    ("t", "name", "cap"), _str_fields, ids=[f"{t}.{n}" for t, n, _ in _str_fields]
+)
+def test_str_field_with_a_nul_is_a_frame_error(t: str, name: str, cap: int) -> None:
+    """PostgreSQL's text holds no NUL: refused here, not by a statement (which, in a
+    batch of several sessions' writes, would fail theirs too)."""
+    with pytest.raises(FrameError, match="NUL"):
+        parse_client_frame({**VALID[t][0], name: "ab\x00c"}, LIMITS)
+
+
 @pytest.mark.parametrize("bad", ["abc", 1, None, [b"abc"], bytearray(b"abc")], ids=repr)
 def test_chunk_data_must_be_bytes(bad: object) -> None:
     with pytest.raises(FrameError):

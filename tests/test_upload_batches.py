@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import asyncpg
+import httpx
 
 from server.groupcommit import GroupCommit
 from server.uploads import _Declare
@@ -81,8 +82,10 @@ async def test_uploads_of_several_users_go_through_each_step_in_one_batch(make_s
     ]
     files[4] = []  # an empty file: no parts at all
 
+    # Submitted in descending user order: the statement locks users rows in
+    # ascending order, so the batch's results must be put back in order.
     async with held(server, "declares", 5):
-        declared = tasks([c.start_upload(f) for c, f in zip(cs, files, strict=True)])
+        declared = tasks([c.start_upload(f) for c, f in zip(cs, files, strict=True)][::-1])[::-1]
     oks = await asyncio.gather(*declared)
     assert [ok["t"] for ok in oks] == ["upload_ok"] * 5, oks
     ids = [ok["upload"] for ok in oks]
@@ -108,8 +111,8 @@ async def test_uploads_of_several_users_go_through_each_step_in_one_batch(make_s
     ((other, _),) = await clients(server, db, 1, "stray")
     async with held(server, "commits", 5), held(server, "reads", 6):
         commits = tasks(
-            [c.request({"t": "commit", "upload": u}) for c, u in zip(cs, ids, strict=True)]
-        )
+            [c.request({"t": "commit", "upload": u}) for c, u in zip(cs, ids, strict=True)][::-1]
+        )[::-1]
         # A commit of an upload that is not there, in the same read batch.
         stray = tasks([other.request({"t": "commit", "upload": "no-such-upload"})])
     done = await asyncio.gather(*commits)
@@ -151,37 +154,40 @@ async def test_a_refusal_in_a_batch_is_that_uploads_alone(make_server, db):
     server = make_server(default_quota=10_000)
     users = await clients(server, db, 3, "refuse")
     cs = [c for c, _ in users]
-    poor = users[1][1]
+    # The lowest id, its request submitted last: the statement runs it first, so a
+    # result given back in the statement's order would reach another session.
+    poor = users[0][1]
     await db.execute("UPDATE users SET quota = 100 WHERE id = $1", poor)
     data = [os.urandom(2000) for _ in cs]
 
     async with held(server, "declares", 3):
-        declared = tasks([c.start_upload([d]) for c, d in zip(cs, data, strict=True)])
+        declared = tasks([c.start_upload([d]) for c, d in zip(cs, data, strict=True)][::-1])[::-1]
     oks = await asyncio.gather(*declared)
-    assert [ok["t"] for ok in oks] == ["upload_ok", "error", "upload_ok"], oks
-    assert oks[1]["code"] == "quota_exceeded"
+    assert [ok["t"] for ok in oks] == ["error", "upload_ok", "upload_ok"], oks
+    assert oks[0]["code"] == "quota_exceeded"
     assert not await db.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", poor)
 
     # Now declared, then its quota shrinks: refused at commit, in the same batch.
     await db.execute("UPDATE users SET quota = 10000 WHERE id = $1", poor)
-    again = await cs[1].start_upload([data[1]])
+    again = await cs[0].start_upload([data[0]])
     assert again["t"] == "upload_ok", again
-    ids = [oks[0]["upload"], again["upload"], oks[2]["upload"]]
+    ids = [again["upload"], oks[1]["upload"], oks[2]["upload"]]
     for c, u, d in zip(cs, ids, data, strict=True):
         await c.send_parts(u, [d])
     await db.execute("UPDATE users SET quota = 100 WHERE id = $1", poor)
     async with held(server, "commits", 3):
         commits = tasks(
-            [c.request({"t": "commit", "upload": u}) for c, u in zip(cs, ids, strict=True)]
-        )
+            [c.request({"t": "commit", "upload": u}) for c, u in zip(cs, ids, strict=True)][::-1]
+        )[::-1]
     done = await asyncio.gather(*commits)
-    assert [d["t"] for d in done] == ["committed", "error", "committed"], done
-    assert done[1]["code"] == "quota_exceeded"
+    assert [d["t"] for d in done] == ["error", "committed", "committed"], done
+    assert done[0]["code"] == "quota_exceeded"
     assert await db.fetchval("SELECT used FROM users WHERE id = $1", poor) == 0
     assert not await db.fetchval("SELECT count(*) FROM objects WHERE owner_id = $1", poor)
-    assert await db.fetchval("SELECT state FROM uploads WHERE id = $1", ids[1]) == "open"
-    for (_, uid), d in zip([users[0], users[2]], data[::2], strict=True):
+    assert await db.fetchval("SELECT state FROM uploads WHERE id = $1", ids[0]) == "open"
+    for (_, uid), d, c in zip(users[1:], data[1:], done[1:], strict=True):
         assert await db.fetchval("SELECT used FROM users WHERE id = $1", uid) == len(d)
+        assert await db.fetchval("SELECT owner_id FROM objects WHERE id = $1", c["object"]) == uid
     for c in cs:
         await c.close()
 
@@ -257,11 +263,16 @@ async def test_a_statement_error_in_a_batch_runs_its_writes_one_by_one(make_serv
         return await asyncio.gather(*runs, return_exceptions=True)
 
     split = uploads.declares.stats.split
-    first, second = server.call(both)
+    outcomes = server.call(both)
     assert uploads.declares.stats.split == split + 1
-    assert first["outcome"] == "declared"
-    assert isinstance(second, asyncpg.UniqueViolationError)
-    assert await db.fetchval("SELECT user_id FROM uploads WHERE id = $1", upload) == users[0][1]
+    # Alone, the two run at once: either may take the id.
+    won = [i for i, o in enumerate(outcomes) if not isinstance(o, BaseException)]
+    assert len(won) == 1, outcomes
+    (winner,) = won
+    assert outcomes[winner]["outcome"] == "declared"
+    assert isinstance(outcomes[1 - winner], asyncpg.UniqueViolationError)
+    owner = await db.fetchval("SELECT user_id FROM uploads WHERE id = $1", upload)
+    assert owner == users[winner][1]
     assert await db.fetchval("SELECT count(*) FROM upload_parts WHERE upload_id = $1", upload) == 1
     for c, _ in users:
         await c.close()
@@ -293,3 +304,95 @@ async def test_a_declaration_still_queued_when_its_session_ends_is_dropped(make_
     await asyncio.sleep(0.3)
     assert group.pending == 0
     assert not await db.fetchval("SELECT count(*) FROM uploads WHERE user_id = $1", uid)
+
+
+async def test_a_data_error_in_a_batch_is_that_writes_alone(make_server, db):
+    """A value PostgreSQL cannot take (a NUL in text) fails its own write, not the
+    batch's others: the statement is refused (nothing committed), so the batch
+    splits and each runs alone. The server refuses such ids before any statement
+    (the frames, ``_check_id``); this is the group's own guard."""
+    server = make_server()
+    ((client, uid),) = await clients(server, db, 1, "nul")
+    data = [os.urandom(800)]
+    ok = await client.start_upload(data)
+    await client.send_parts(ok["upload"], data)
+    uploads = server.services.uploads
+
+    async def both() -> list[Any]:
+        uploads.reads.concurrency = 0
+        runs = [
+            asyncio.ensure_future(uploads.reads.submit((upload, uid), frozenset()))
+            for upload in ("a\x00b", ok["upload"])
+        ]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        uploads.reads.concurrency = 2
+        return await asyncio.gather(*runs, return_exceptions=True)
+
+    split = uploads.reads.stats.split
+    bad, good = server.call(both)
+    assert uploads.reads.stats.split == split + 1
+    assert isinstance(bad, asyncpg.DataError), bad
+    assert good["id"] == ok["upload"] and good["state"] == "open"
+    await client.close()
+
+
+async def test_ids_with_a_nul_are_not_found_over_rest(make_server, db):
+    """REST paths can carry a NUL (%00) the WebSocket's frames refuse."""
+    server = make_server()
+    name = unique("nulrest")
+    tokens = await register_login(server.http, name)
+    headers = {"authorization": f"Bearer {tokens['access']}"}
+    async with httpx.AsyncClient(base_url=server.http, headers=headers) as http:
+        for method, path in [
+            ("POST", "/v1/upload/a%00b/commit"),
+            ("GET", "/v1/upload/a%00b"),
+            ("DELETE", "/v1/upload/a%00b"),
+            ("PUT", "/v1/upload/a%00b/part/0"),
+        ]:
+            r = await http.request(method, path, content=b"x" if method == "PUT" else None)
+            assert r.status_code == 404, (method, path, r.text)
+            assert r.json()["error"]["code"] == "not_found"
+
+
+async def test_an_abort_failed_to_break_a_deadlock_runs_again(make_server, db):
+    """An abort's cascade locks its upload's part rows one by one; a transaction
+    holding one of them and waiting for another (as a batch of part receipts may)
+    deadlocks with it. PostgreSQL fails the one whose wait is checked first, here
+    the abort (it waited first); it rolled back, so the abort runs again."""
+    server = make_server()
+    ((client, _),) = await clients(server, db, 1, "deadlock")
+    data = [os.urandom(500), os.urandom(600)]
+    ok = await client.start_upload(data)
+    upload = ok["upload"]
+    before = await db.fetchval(
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+    )
+    async with db.transaction():
+        await db.execute(
+            "SELECT 1 FROM upload_parts WHERE upload_id = $1 AND idx = 1 FOR UPDATE", upload
+        )
+        aborted = asyncio.ensure_future(client.request({"t": "abort", "upload": upload}))
+        for _ in range(200):  # the abort has part 0 and waits for part 1
+            await db.execute("SELECT pg_stat_clear_snapshot()")
+            waiting = await db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%DELETE FROM uploads WHERE id%'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting, "the abort never waited"
+        # Deadlock: this waits for part 0, which the abort holds (until it fails).
+        await db.execute(
+            "SELECT 1 FROM upload_parts WHERE upload_id = $1 AND idx = 0 FOR UPDATE", upload
+        )
+    reply = await aborted
+    assert reply["t"] == "ok", reply
+    await db.execute("SELECT pg_stat_clear_snapshot()")
+    after = await db.fetchval(
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+    )
+    assert after == before + 1
+    assert not await db.fetchval("SELECT count(*) FROM uploads WHERE id = $1", upload)
+    await client.close()
