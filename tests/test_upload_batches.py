@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 from server.groupcommit import GroupCommit
 from server.uploads import _Declare
@@ -396,3 +397,64 @@ async def test_an_abort_failed_to_break_a_deadlock_runs_again(make_server, db):
     assert after == before + 1
     assert not await db.fetchval("SELECT count(*) FROM uploads WHERE id = $1", upload)
     await client.close()
+
+
+@pytest.mark.parametrize("step", ["declares", "commits"])
+async def test_a_batch_cut_off_by_one_sessions_end_is_settled_before_that_end(
+    make_server, db, ended, step
+):
+    """As test_e2e_upload_edges' cut-off test, for a batch of two: once the batch's
+    statement runs, it commits whatever becomes of either session, so a session
+    that ends while it runs (its client vanished) waits for the outcome, and the
+    other session gets its answer. The statement waits on a lock of the first
+    user's row the test holds while the first client's socket is cut."""
+    server = make_server()
+    users = await clients(server, db, 2, "cutbatch")
+    (first, first_id), (second, second_id) = users
+    requests: list[Frame] = []
+    for client, _ in users:
+        data = [os.urandom(1500)]
+        if step == "commits":
+            ok = await client.start_upload(data)
+            await client.send_parts(ok["upload"], data)
+            requests.append({"t": "commit", "rid": 99, "upload": ok["upload"]})
+        else:
+            requests.append(
+                {"t": "upload", "rid": 99, "kind": "file", "meta": meta(),
+                 "parts": [part_spec(data[0])]}
+            )  # fmt: skip
+    # The start of the batch's statement (pg_stat_activity keeps only 1 KiB of it).
+    start = "q(id, usr, payer" if step == "declares" else "q(upload, usr, kind"
+    group: GroupCommit[Any, Any] = getattr(server.services.uploads, step)
+    name = await db.fetchval("SELECT username FROM users WHERE id = $1", first_id)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", first_id)
+        async with held(server, step, 2):
+            for (client, _), request in zip(users, requests, strict=True):
+                await client.send(request)
+        for _ in range(200):
+            await db.execute("SELECT pg_stat_clear_snapshot()")  # cached per transaction
+            waiting = await db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE $1",
+                f"%WITH ORDINALITY AS {start}%",
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting, "the batch's statement never waited on the lock"
+        assert group.stats.largest >= 2
+        first.ws.transport.abort()
+        await asyncio.sleep(1.0)
+        assert name not in ended, "the session ended while its batch ran on"
+    for _ in range(200):
+        if name in ended:
+            break
+        await asyncio.sleep(0.05)
+    assert name in ended
+    reply = await second.wait_for(lambda f: f.get("rid") == 99)
+    assert reply["t"] == ("committed" if step == "commits" else "upload_ok"), reply
+    expect = "committed" if step == "commits" else "open"
+    for uid in (first_id, second_id):
+        assert await db.fetchval("SELECT state FROM uploads WHERE user_id = $1", uid) == expect
+    await second.close()
