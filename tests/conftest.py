@@ -16,7 +16,7 @@ import pytest
 
 from server.embedded import start_embedded_postgres, stop_embedded_postgres
 from server.migrate import migrate
-from tests.support.client import register_login
+from tests.support.client import SyncClient, register_login
 from tests.support.server import RunningServer, test_settings
 
 pytest_plugins = ["tests.support.s3"]
@@ -145,6 +145,22 @@ def ended(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 
     monkeypatch.setattr(Session, "run", run)
     return out
+
+
+async def cut_and_see_it_settle(client: SyncClient, device: str, ended: set[str]) -> None:
+    """Cut the client's socket (no close handshake) while its session has a
+    statement running that cannot finish yet; the session must not end meanwhile.
+    The caller then lets the statement finish and awaits ``until_ended``."""
+    client.ws.transport.abort()
+    await asyncio.sleep(1.0)
+    assert device not in ended, "the session ended while its statement ran on"
+
+
+async def until_ended(device: str, ended: set[str], timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while device not in ended:
+        assert asyncio.get_running_loop().time() < deadline, f"session {device} never ended"
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

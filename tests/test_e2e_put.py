@@ -19,6 +19,7 @@ from server import uploads as uploads_module
 from server.stores import StoreError
 from tests.conftest import unique
 from tests.support.client import SyncClient, part_spec, register_login
+from tests.support.db import until_a_statement_waits_on_a_lock
 
 
 async def _stored_keys(server, prefix: str) -> set[str]:
@@ -184,16 +185,6 @@ async def _open_upload(conn, upload: str, user: int, size: int) -> None:
         user,
         size,
     )
-
-
-async def _until_a_put_batch_waits_on_a_lock(conn, why: str) -> None:
-    deadline = time.monotonic() + 20
-    while not await conn.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND query LIKE '%tessera_put_batch%'"
-    ):
-        assert time.monotonic() < deadline, f"the batch never waited {why}"
-        await asyncio.sleep(0.02)
 
 
 async def _declared_only(db, user: int, obj: int, frame: dict) -> None:
@@ -552,7 +543,7 @@ async def test_a_batch_refused_by_the_database_commits_its_puts_one_by_one(
         await client.send(frame)
     await _resume_puts_when(server, 3)
     probe = await asyncpg.connect(database_url)
-    await _until_a_put_batch_waits_on_a_lock(probe, "on the uncommitted id")
+    await until_a_statement_waits_on_a_lock(probe, "%tessera_put_batch%", "on the uncommitted id")
     await probe.close()
     await taken.commit()
     replies = [
@@ -597,7 +588,7 @@ async def test_a_batch_locks_its_users_in_id_order(make_server, db, database_url
         await client.send(frame)  # one at a time: the batch is [high, low]
         await _wait_pending(server, n)
     await _resume_puts_when(server, 2)
-    await _until_a_put_batch_waits_on_a_lock(db, "for the lower user's row")
+    await until_a_statement_waits_on_a_lock(db, "%tessera_put_batch%", "for the lower user's row")
     # The higher user's row is free: the batch took nothing out of order.
     await other.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", high)
     await commit.commit()
@@ -630,7 +621,7 @@ async def test_a_put_waiting_for_its_users_row_sees_a_reservation_made_meanwhile
     await _open_upload(other, secrets.token_urlsafe(16), user, 600)
     frame = client.put_frame(os.urandom(500))
     await client.send(frame)
-    await _until_a_put_batch_waits_on_a_lock(db, "for the user's row")
+    await until_a_statement_waits_on_a_lock(db, "%tessera_put_batch%", "for the user's row")
     await declare.commit()
     await other.close()
     reply = await client.wait_for(lambda f: f.get("rid") == frame["rid"])

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import unique
+from tests.conftest import cut_and_see_it_settle, unique, until_ended
 from tests.support.client import SyncClient, meta, part_spec, register_login
+from tests.support.db import until_a_statement_waits_on_a_lock
 
 
 async def test_chunks_after_a_complete_part_are_refused_and_nothing_breaks(server, alice):
@@ -262,24 +263,8 @@ async def test_a_statement_cut_off_by_its_sessions_end_is_settled_before_the_end
     async with db.transaction():
         await db.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", uid)
         await client.send(request)
-        for _ in range(200):
-            await db.execute("SELECT pg_stat_clear_snapshot()")  # cached per transaction
-            waiting = await db.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE $1",
-                f"%{step}%",
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.05)
-        assert waiting, "the statement never waited on the lock"
-        client.ws.transport.abort()
-        await asyncio.sleep(1.0)
-        assert name not in ended, "the session ended while its statement ran on"
-    for _ in range(200):
-        if name in ended:
-            break
-        await asyncio.sleep(0.05)
-    assert name in ended
+        await until_a_statement_waits_on_a_lock(db, f"%{step}%")
+        await cut_and_see_it_settle(client, name, ended)
+    await until_ended(name, ended)
     state = await db.fetchval("SELECT state FROM uploads WHERE user_id = $1", uid)
     assert state == ("committed" if step == "tessera_commit_new" else "open")

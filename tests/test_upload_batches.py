@@ -20,8 +20,9 @@ import pytest
 
 from server.groupcommit import GroupCommit
 from server.uploads import _Declare
-from tests.conftest import unique
+from tests.conftest import cut_and_see_it_settle, unique, until_ended
 from tests.support.client import SyncClient, meta, part_spec, register_login
+from tests.support.db import until_a_statement_waits_on_a_lock
 from tests.support.server import RunningServer
 
 Frame = dict[str, Any]
@@ -374,16 +375,8 @@ async def test_an_abort_failed_to_break_a_deadlock_runs_again(make_server, db):
             "SELECT 1 FROM upload_parts WHERE upload_id = $1 AND idx = 1 FOR UPDATE", upload
         )
         aborted = asyncio.ensure_future(client.request({"t": "abort", "upload": upload}))
-        for _ in range(200):  # the abort has part 0 and waits for part 1
-            await db.execute("SELECT pg_stat_clear_snapshot()")
-            waiting = await db.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE '%DELETE FROM uploads WHERE id%'"
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.02)
-        assert waiting, "the abort never waited"
+        # The abort has part 0 and waits for part 1.
+        await until_a_statement_waits_on_a_lock(db, "%DELETE FROM uploads WHERE id%", "(abort)")
         # Deadlock: this waits for part 0, which the abort holds (until it fails).
         await db.execute(
             "SELECT 1 FROM upload_parts WHERE upload_id = $1 AND idx = 0 FOR UPDATE", upload
@@ -423,7 +416,7 @@ async def test_a_batch_cut_off_by_one_sessions_end_is_settled_before_that_end(
                 {"t": "upload", "rid": 99, "kind": "file", "meta": meta(),
                  "parts": [part_spec(data[0])]}
             )  # fmt: skip
-    # The start of the batch's statement (pg_stat_activity keeps only 1 KiB of it).
+    # The start of the batch's statement (pg_stat_activity keeps only its first 1 KiB).
     start = "q(id, usr, payer" if step == "declares" else "q(upload, usr, kind"
     group: GroupCommit[Any, Any] = getattr(server.services.uploads, step)
     name = await db.fetchval("SELECT username FROM users WHERE id = $1", first_id)
@@ -432,26 +425,10 @@ async def test_a_batch_cut_off_by_one_sessions_end_is_settled_before_that_end(
         async with held(server, step, 2):
             for (client, _), request in zip(users, requests, strict=True):
                 await client.send(request)
-        for _ in range(200):
-            await db.execute("SELECT pg_stat_clear_snapshot()")  # cached per transaction
-            waiting = await db.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE $1",
-                f"%WITH ORDINALITY AS {start}%",
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.05)
-        assert waiting, "the batch's statement never waited on the lock"
+        await until_a_statement_waits_on_a_lock(db, f"%WITH ORDINALITY AS {start}%", "(batch)")
         assert group.stats.largest >= 2
-        first.ws.transport.abort()
-        await asyncio.sleep(1.0)
-        assert name not in ended, "the session ended while its batch ran on"
-    for _ in range(200):
-        if name in ended:
-            break
-        await asyncio.sleep(0.05)
-    assert name in ended
+        await cut_and_see_it_settle(first, name, ended)
+    await until_ended(name, ended)
     reply = await second.wait_for(lambda f: f.get("rid") == 99)
     assert reply["t"] == ("committed" if step == "commits" else "upload_ok"), reply
     expect = "committed" if step == "commits" else "open"

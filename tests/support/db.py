@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import asyncpg
 
 
@@ -18,3 +21,23 @@ async def share(db: asyncpg.Connection, obj: int, user: int) -> None:
             obj,
             seq,
         )
+
+
+async def until_a_statement_waits_on_a_lock(
+    conn: asyncpg.Connection, like: str, why: str = "", timeout: float = 20
+) -> None:
+    """Until a statement matching ``LIKE like`` waits on a lock. Works from inside
+    a transaction: pg_stat_activity is a snapshot taken once per transaction, so
+    it is cleared before each look. The view keeps only the first 1 KiB of a
+    statement, so ``like`` must match near its start."""
+    deadline = time.monotonic() + timeout
+    while True:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        if await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE $1",
+            like,
+        ):
+            return
+        assert time.monotonic() < deadline, f"no statement like {like!r} waited {why}".strip()
+        await asyncio.sleep(0.02)
