@@ -17,6 +17,14 @@
 
 The payload is deterministic (seeded), so the bench process and a baseline
 process hold the very same bytes without sending them to each other.
+
+Every baseline process fixes glibc's malloc thresholds as the server does
+(server/memory.py). Left to glibc's dynamic thresholds, the plain sink ran in
+one of two modes, switching unpredictably between runs and between processes:
+1,110-1,270 MiB/s at 0.82-0.92 CPU s/GiB, or 2,380-2,710 MiB/s at 0.26-0.28
+(freed 1 MiB buffers handed back to the kernel and faulted in again, or kept).
+With the thresholds fixed it ran at 2,380-2,790 MiB/s in every run. Tessera's
+figures were compared with the slow mode in most earlier runs.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from typing import BinaryIO
 import msgpack
 
 from bench.common import free_port
+from server.memory import tune_malloc
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -246,6 +255,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=MiB)
     parser.add_argument("--root", type=Path, default=Path("."))
     args = parser.parse_args()
+    tune_malloc()  # the same allocator settings as the server: see the docstring
     with contextlib.suppress(KeyboardInterrupt):
         if args.mode in ("sink", "sink-decode"):
             asyncio.run(_sink(args.mode == "sink-decode", args.port))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -411,7 +412,20 @@ def measure_local(payload: Payload, repeat: int, data_dir: Path | None = None) -
     r["sink_cpu_per_gib"] = cpu * GiB / payload.total
     r["sink_decode"] = mib_per_s(payload.total, min(decoding)[0])
     r["sink_files"] = mib_per_s(payload.total, min(writing)[0])
+    r["sha256"] = sha256_rate()
     return r
+
+
+def sha256_rate(seconds: float = 0.5) -> float:
+    """MiB/s of SHA-256 over 1 MiB buffers in one thread of this process: the floor
+    of what verifying every byte costs (the server hashes in a worker thread)."""
+    block = os.urandom(MiB)
+    digest = hashlib.sha256()
+    done, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        digest.update(block)
+        done += 1
+    return done / elapsed
 
 
 def measure_s3(payload: Payload, repeat: int, data_dir: Path | None = None) -> dict[str, float]:
@@ -463,6 +477,10 @@ def run(smoke: bool = False) -> list[Result]:
             settings=f"{payload.describe()}, {common}, window {fmt_size(int(local['window']))}",
             notes=(
                 "first chunk -> committed. The sink (own process) drops the messages. "
+                "It runs with the server's malloc settings (see bench/baselines.py: "
+                "without them it ran at about half speed in most runs). The server "
+                "hashes every byte (sha256) and writes it to disk; the sink does "
+                "neither. "
                 f"Best of {local_runs} runs each, interleaved (sink, Tessera, ...). Before "
                 "each run that writes files, the bench writes and deletes a scratch file "
                 "of 1.25 x the payload: on this VM, page cache in memory never used "
@@ -472,12 +490,14 @@ def run(smoke: bool = False) -> list[Result]:
             extra={
                 "sink decoding msgpack MiB/s": local["sink_decode"],
                 "sink writing the parts to files (fsync each) MiB/s": local["sink_files"],
+                "Tessera, % of the sink writing files": 100 * local["ours"] / local["sink_files"],
                 "first chunk -> last part_ok MiB/s": local["parts_ok"],
                 "last chunk sent -> last part_ok s": local["lag_s"],
                 "share of sending time waiting for credit": local["credit_wait"],
                 "commit s": local["commit_s"],
                 "server CPU s/GiB": local["cpu_per_gib"],
                 "sink CPU s/GiB": local["sink_cpu_per_gib"],
+                "sha256 in one thread MiB/s": local["sha256"],
                 "load avg": local["load"],
             },
         ),
