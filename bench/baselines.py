@@ -23,8 +23,10 @@ Every baseline process fixes glibc's malloc thresholds as the server does
 one of two modes, switching unpredictably between runs and between processes:
 1,110-1,270 MiB/s at 0.82-0.92 CPU s/GiB, or 2,380-2,710 MiB/s at 0.26-0.28
 (freed 1 MiB buffers handed back to the kernel and faulted in again, or kept).
-With the thresholds fixed it ran at 2,380-2,790 MiB/s in every run. Tessera's
-figures were compared with the slow mode in most earlier runs.
+With the thresholds fixed it ran at 2,380-2,790 MiB/s in every probe run, and
+in the benches since at 2,230-2,670 except once, a first run at 1,243 (the best
+of three counts). Tessera's figures were compared with the slow mode in most
+earlier runs.
 """
 
 from __future__ import annotations

@@ -571,14 +571,15 @@ class Uploads:
         """The abort's statement, again if PostgreSQL broke a deadlock by failing it
         (it rolled back): its cascade locks the upload's part rows in no set order,
         and a batch of part receipts (``_received_batch``) may hold some of them."""
-        for attempt in range(ABORT_ATTEMPTS):
+        attempt = 1
+        while True:
             try:
                 async with self.pool.acquire() as conn:
                     return await _statement(conn, _ABORT, upload_id, user)
             except asyncpg.DeadlockDetectedError:
-                if attempt == ABORT_ATTEMPTS - 1:
+                if attempt == ABORT_ATTEMPTS:
                     raise
-        raise AssertionError("unreachable")
+                attempt += 1
 
     # ---------------------------------------------------------------- put
 
