@@ -127,7 +127,22 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise ApiError(ErrorCode.BAD_FRAME, "body must be JSON") from None
     if not isinstance(data, dict):
         raise ApiError(ErrorCode.BAD_FRAME, "body must be a JSON object")
+    if _holds_nul(data):
+        raise ApiError(ErrorCode.BAD_FRAME, "strings must not contain NUL (\\u0000)")
     return data
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a decoded JSON value has a NUL in any string: PostgreSQL's text holds
+    none, so such a value would fail its statement (a 500, or in a batch of several
+    requests' writes, theirs too)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(map(_holds_nul, value))
+    return False
 
 
 def _string(data: dict[str, Any], name: str, max_len: int = 1024) -> str:
@@ -190,6 +205,9 @@ def endpoint(handler: Handler) -> Handler:
 
     async def wrapped(request: Request) -> Response:
         try:
+            # No id holds a NUL (%00), and no statement may be given one.
+            if any("\x00" in value for value in request.path_params.values()):
+                raise ApiError(ErrorCode.NOT_FOUND, "no such resource")
             return await handler(request)
         except RequestError as exc:
             error = exc

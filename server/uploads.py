@@ -517,7 +517,6 @@ class Uploads:
 
     async def open(self, user: int, upload_id: str, rid: int | None = None) -> UploadRecord:
         """Load an open upload of ``user``; anyone else's looks exactly like a missing one."""
-        _check_id(upload_id, rid)
         async with self.pool.acquire() as conn:
             ok = await conn.fetchval(
                 "SELECT 1 FROM uploads WHERE id = $1 AND user_id = $2 AND state = 'open' "
@@ -543,7 +542,6 @@ class Uploads:
     async def abort(self, user: int, upload_id: str, rid: int | None = None) -> None:
         # After any commit of it in this process (see ``commit``). One statement, so
         # a cut-off abort has either deleted the row or not: nothing half done.
-        _check_id(upload_id, rid)
         async with self.serial.hold(upload_id):
             task: asyncio.Task[None] | None = None
             try:
@@ -855,7 +853,6 @@ class Uploads:
         def fail(code: ErrorCode, msg: str, **extra: object) -> RequestError:
             return RequestError(code, msg, rid=rid, upload=upload_id, **extra)
 
-        _check_id(upload_id, rid)
         # One commit of an upload at a time in this process: a retried commit waits
         # for the first and then finds its result, and a client that repeats commit
         # cannot make the store copy the same parts over and over. Nothing is held
@@ -1321,14 +1318,6 @@ def _raise_if_failed(stored: asyncio.Task[None]) -> None:
     exc = stored.exception()
     if exc is not None:
         raise exc
-
-
-def _check_id(upload_id: str, rid: int | None) -> None:
-    """An id no upload can have (PostgreSQL text holds no NUL; the WebSocket's frames
-    refuse one, a REST path may carry it): not found, without a statement, which
-    would fail, and in a batch fail the others' writes with it."""
-    if "\x00" in upload_id:
-        raise RequestError(ErrorCode.NOT_FOUND, "no such upload", rid=rid)
 
 
 def mark_retrieved(task: asyncio.Task[Any]) -> None:

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 
 from server.groupcommit import GroupCommit
@@ -311,8 +310,8 @@ async def test_a_declaration_still_queued_when_its_session_ends_is_dropped(make_
 async def test_a_data_error_in_a_batch_is_that_writes_alone(make_server, db):
     """A value PostgreSQL cannot take (a NUL in text) fails its own write, not the
     batch's others: the statement is refused (nothing committed), so the batch
-    splits and each runs alone. The server refuses such ids before any statement
-    (the frames, ``_check_id``); this is the group's own guard."""
+    splits and each runs alone. The server refuses NUL before any statement (the
+    frames, REST's ``endpoint`` and ``read_json``); this is the group's own guard."""
     server = make_server()
     ((client, uid),) = await clients(server, db, 1, "nul")
     data = [os.urandom(800)]
@@ -337,24 +336,6 @@ async def test_a_data_error_in_a_batch_is_that_writes_alone(make_server, db):
     assert isinstance(bad, asyncpg.DataError), bad
     assert good["id"] == ok["upload"] and good["state"] == "open"
     await client.close()
-
-
-async def test_ids_with_a_nul_are_not_found_over_rest(make_server, db):
-    """REST paths can carry a NUL (%00) the WebSocket's frames refuse."""
-    server = make_server()
-    name = unique("nulrest")
-    tokens = await register_login(server.http, name)
-    headers = {"authorization": f"Bearer {tokens['access']}"}
-    async with httpx.AsyncClient(base_url=server.http, headers=headers) as http:
-        for method, path in [
-            ("POST", "/v1/upload/a%00b/commit"),
-            ("GET", "/v1/upload/a%00b"),
-            ("DELETE", "/v1/upload/a%00b"),
-            ("PUT", "/v1/upload/a%00b/part/0"),
-        ]:
-            r = await http.request(method, path, content=b"x" if method == "PUT" else None)
-            assert r.status_code == 404, (method, path, r.text)
-            assert r.json()["error"]["code"] == "not_found"
 
 
 async def test_an_abort_failed_to_break_a_deadlock_runs_again(make_server, db):
